@@ -1,0 +1,107 @@
+"""The one place that loads the optional C++/CUDA extension ``concept_kernels._C``.
+
+The extension is loaded lazily, once, on first use of anything below (never at package import, and
+never querying CUDA). Loading it registers the ``torch.ops.concept_kernels.*`` ops. When it is missing
+or broken the package still imports; callers check :data:`HAS_EXT` or call :func:`require_ext`, whose
+error carries the reason and the build command.
+
+``CONCEPT_KERNELS_NO_EXT=1`` (read at first load) skips loading, to exercise the pure-Python paths.
+Module attributes ``HAS_EXT`` and ``EXT_ERROR`` are computed on first access (PEP 562).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+__all__ = ["HAS_EXT", "EXT_ERROR", "BUILD_HINT", "build_info", "ext_has_cuda", "load",
+           "omp_max_threads", "require_ext"]
+
+BUILD_HINT = (
+    "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root "
+    "(or `make build`), using the same torch that runs the code"
+)
+
+_lock = threading.Lock()
+_state: tuple[bool, str | None] | None = None  # (loaded, error) once load() has run
+
+
+def _import_ext():
+    # a separate function so tests can monkeypatch the import to simulate a broken build
+    return importlib.import_module("concept_kernels._C")
+
+
+def load() -> bool:
+    """Import ``concept_kernels._C`` once; return whether it loaded (errors are kept, not raised)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _try_load()
+    return _state[0]
+
+
+def _try_load() -> tuple[bool, str | None]:
+    if os.environ.get("CONCEPT_KERNELS_NO_EXT", "") not in ("", "0"):
+        return False, "concept_kernels._C disabled by CONCEPT_KERNELS_NO_EXT=1"
+    import torch  # noqa: F401  (load torch's libc10/libtorch and libgomp before _C links against them)
+
+    try:
+        _import_ext()
+    except ImportError as e:  # not built, or built against another torch (undefined symbol ...)
+        why = f"{type(e).__name__}: {e}"
+        if build_info().get("ext_requested") is False:
+            why += "; this install was built with CONCEPT_KERNELS_NO_EXT=1 (pure Python)"
+        return False, f"concept_kernels._C could not be imported ({why}); {BUILD_HINT}"
+    except Exception as e:  # noqa: BLE001  a static registration failed (e.g. duplicate schema)
+        return False, f"concept_kernels._C failed while loading ({type(e).__name__}: {e}); {BUILD_HINT}"
+    return True, None
+
+
+def _reset_for_tests() -> None:
+    """Forget the load result so the next access loads again (tests only)."""
+    global _state
+    _state = None
+
+
+def __getattr__(name: str):
+    if name == "HAS_EXT":
+        return load()
+    if name == "EXT_ERROR":
+        load()
+        return _state[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def require_ext(feature: str) -> None:
+    """Raise ``RuntimeError`` naming ``feature`` and the reason when ``_C`` is not available."""
+    if not load():
+        raise RuntimeError(f"{feature} needs the compiled extension: {_state[1]}")
+
+
+def ext_has_cuda() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels (False when it is not loaded)."""
+    if not load():
+        return False
+    import torch
+
+    return bool(torch.ops.concept_kernels.with_cuda())
+
+
+def omp_max_threads() -> int | None:
+    """OpenMP threads the extension's CPU kernels use (follows ``torch.set_num_threads``), or None."""
+    if not load():
+        return None
+    import torch
+
+    return int(torch.ops.concept_kernels.omp_max_threads())
+
+
+def build_info() -> dict:
+    """Facts setup.py recorded at build time (torch version, with_cuda, flags); {} if never built."""
+    try:
+        from concept_kernels._build_info import BUILD_INFO
+    except ImportError:
+        return {}
+    return dict(BUILD_INFO)

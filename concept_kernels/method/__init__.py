@@ -1,0 +1,13 @@
+"""The non-kernel parts of Concept-Tuning, vectorized: patch search, losses, queues, EMA."""
+from .contrastive import concept_contrastive_loss, image_contrastive_loss, uniform_positive_kl
+from .patch_search import search_concept_patches
+from .queues import ClassQueues, momentum_update_
+
+__all__ = [
+    "ClassQueues",
+    "concept_contrastive_loss",
+    "image_contrastive_loss",
+    "momentum_update_",
+    "search_concept_patches",
+    "uniform_positive_kl",
+]

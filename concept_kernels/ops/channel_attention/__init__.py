@@ -1,0 +1,1 @@
+from .api import channel_attention  # noqa: F401

@@ -1,0 +1,1 @@
+from .api import ot_similarity  # noqa: F401

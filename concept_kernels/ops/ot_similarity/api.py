@@ -1,0 +1,125 @@
+"""Public entry point of ``ot_similarity``: documentation, validation and backend dispatch."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ... import _backends
+from ..._checks import check_choice, check_float, check_index, check_positive, check_same_device, check_tensor
+from .reference import ot_similarity_ref
+
+OP = "ot_similarity"
+SELECT_MODES = ("sample", "topk", "cost")
+STOP_MODES = ("problem", "row", "all")
+
+_backends.register(OP, _backends.Backend("reference", impl=ot_similarity_ref))
+
+
+def ot_similarity(
+    query: torch.Tensor,
+    bank: torch.Tensor,
+    index: torch.Tensor,
+    *,
+    select: str = "sample",
+    k: int = 3,
+    choice: Optional[torch.Tensor] = None,
+    eps: float = 0.01,
+    max_iter: int = 200,
+    tol: float = 1e-3,
+    stop: str = "problem",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    r"""Similarity of entropic-OT-matched patch pairs between query sets and bank sets.
+
+    For every query set ``b`` and each of its ``M`` paired bank sets ``index[b, m]`` this solves one
+    small optimal-transport problem between the ``P`` query patches and the ``P`` bank patches and
+    returns the cosine similarity of the pair(s) the transport plan matches most strongly. It is
+    the concept-level similarity of Concept-Tuning (method_spec §5.5–§5.6), batched over all
+    problems with no host synchronisation per iteration.
+
+    Math, per problem (b, m) with X = query[b] (P, D), Y = bank[index[b, m]] (P, D):
+
+    * cost C = 1 - X Yᵀ (P x P); rows need not be unit-norm (then C is not a cosine distance,
+      but everything below still applies);
+    * log-domain Sinkhorn with uniform marginals, f = g = 0 at start, per iteration
+      f_i = eps (log(1/P) - LSE_j((g_j - C_ij)/eps)), then g_j = eps (log(1/P) - LSE_i((f_i - C_ij)/eps));
+    * stopping: err = Σ_i |f_i - f_i^old|; ``stop="problem"`` freezes each problem once its own
+      err < tol; ``stop="row"`` freezes the M problems of a row together once their mean err < tol
+      (the published per-sample call); ``stop="all"`` uses one mean over all B·M problems (the
+      published batched call). At most ``max_iter`` iterations;
+    * plan π_ij = exp((f_i + g_j - C_ij)/eps), ranked over its P·P entries.
+
+    Selection:
+
+    * ``"sample"``: 1 - C at the ``choice[b, m]``-th largest π entry among the top ``k``
+      (``choice`` drawn uniformly from [0, k) with ``torch.randint`` on the query's device when
+      None, so ``torch.manual_seed`` makes it reproducible) -> (B, M);
+    * ``"topk"``: 1 - C at the ``k`` largest π entries, in descending π order -> (B, M, k);
+    * ``"cost"``: 1 - <π, C> -> (B, M).
+
+    Gradients flow to ``query`` only; ``bank`` and the plan are constants (for ``"cost"`` this is
+    the envelope gradient). Near-ties of π may swap which entries are selected between backends.
+
+    Args:
+        query: (B, P, D) float16/bfloat16/float32/float64, the query patch sets.
+        bank: (R, P, D) float, the key patch sets (e.g. a class queue viewed as rows).
+        index: (B, M) int64 with values in [0, R): the bank rows paired with each query.
+        select: "sample", "topk" or "cost".
+        k: top-k size, 1 <= k <= P*P ("sample" and "topk").
+        choice: (B, M) int64 in [0, k), the pick for ``select="sample"``.
+        eps: entropic regulariser (> 0; the method uses 0.01, tested down to 1e-3).
+        max_iter: maximum Sinkhorn iterations (>= 1).
+        tol: stopping threshold on the L1 change of f (>= 0; 0 runs ``max_iter`` iterations).
+        stop: "problem", "row" or "all" (see above).
+        backend: force a backend ("reference", "cpu", "triton", "cuda"); None = fastest available.
+            ``CONCEPT_KERNELS_BACKEND`` forces one when this is None.
+
+    Returns:
+        (B, M) or (B, M, k) tensor, float32/float64 (half inputs are computed and returned in float32).
+
+    Example:
+        >>> q = torch.nn.functional.normalize(torch.randn(2, 9, 16), dim=-1)
+        >>> bank = torch.nn.functional.normalize(torch.randn(5, 9, 16), dim=-1)
+        >>> ot_similarity(q, bank, torch.tensor([[0, 1, 2], [2, 3, 4]]), select="topk", k=10).shape
+        torch.Size([2, 3, 10])
+    """
+    check_float("query", query, ndim=3, shape_doc="(B, P, D)", allow_empty=True)
+    check_float("bank", bank, ndim=3, shape_doc="(R, P, D)", allow_empty=True)
+    check_tensor("index", index, ndim=2, shape_doc="(B, M)", allow_empty=True)
+    check_same_device(query=query, bank=bank, index=index, choice=choice)
+    B, P, D = query.shape
+    if P == 0 or D == 0:
+        raise ValueError(f"query must have P >= 1 patches and D >= 1 features (B, P, D), got {tuple(query.shape)}")
+    if bank.shape[1:] != query.shape[1:]:
+        raise ValueError(f"bank must have shape (R, {P}, {D}) to match query (B, P, D), got {tuple(bank.shape)}")
+    if index.shape[0] != B:
+        raise ValueError(f"index must have shape ({B}, M) to match query's batch B={B}, got {tuple(index.shape)}")
+    check_index("index", index, bank.shape[0], "rows of bank")
+    check_choice("select", select, SELECT_MODES)
+    check_choice("stop", stop, STOP_MODES)
+    check_positive("eps", eps)
+    check_positive("max_iter", max_iter, integer=True)
+    check_positive("tol", tol, allow_zero=True)
+    M = index.shape[1]
+    if select != "cost":
+        check_positive("k", k, integer=True)
+        if k > P * P:
+            raise ValueError(f"k must be <= P*P = {P * P} (entries of a {P}x{P} plan), got {k}")
+    if select == "sample":
+        if choice is None:
+            choice = torch.randint(k, (B, M), device=query.device)
+        else:
+            check_tensor("choice", choice, shape=(B, M), shape_doc="(B, M)", allow_empty=True)
+            check_index("choice", choice, k, "k")
+    elif choice is not None:
+        raise ValueError(f"choice is only used with select='sample', got select={select!r}")
+    impl = _backends.select(OP, query.device, backend)
+    if B * M == 0:
+        shape = (B, M, k) if select == "topk" else (B, M)
+        out_dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
+        return query.new_zeros(shape, dtype=out_dtype) + 0.0 * query.sum()
+    kwargs = dict(select=select, k=k, choice=choice, eps=eps, max_iter=max_iter, tol=tol, stop=stop)
+    if impl.name == "reference":
+        return ot_similarity_ref(query, bank, index, **kwargs)
+    return impl.impl(query, bank, index, **kwargs)  # pragma: no cover - fused backends land later

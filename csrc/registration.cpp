@@ -1,0 +1,63 @@
+// The one TORCH_LIBRARY(concept_kernels, m): every schema of the extension is defined here, so
+// `grep m.def csrc/registration.cpp` lists the whole C++ surface. Kernels live in csrc/<op>/ and
+// attach themselves with TORCH_LIBRARY_IMPL(concept_kernels, CPU|CUDA, m) in their own files.
+//
+// Lean on purpose: no torch/extension.h and no pybind11 (build 12-22 s instead of 50-90 s). The
+// Python module below is empty; importing it only loads this .so so the static registrations run,
+// after which the ops are reachable as torch.ops.concept_kernels.<name> (pytorch/extension-cpp).
+#include <Python.h>  // limited API only: setup.py builds with py_limited_api=True
+
+#include <torch/library.h>
+
+#include <cstdint>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace concept_kernels {
+
+// Threads an OpenMP parallel region of this extension would use. The extension links the same
+// libgomp.so.1 that torch ships (the soname is already loaded when _C is imported), so this follows
+// torch.set_num_threads(); returns 1 when built without OpenMP.
+int64_t omp_max_threads() {
+#ifdef _OPENMP
+  return static_cast<int64_t>(omp_get_max_threads());
+#else
+  return 1;
+#endif
+}
+
+// Whether this build compiled the CUDA sources (csrc/**/*.cu); setup.py defines CK_WITH_CUDA then.
+bool with_cuda() {
+#ifdef CK_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace concept_kernels
+
+TORCH_LIBRARY(concept_kernels, m) {
+  // Build facts (no tensor arguments: one kernel for every dispatch key).
+  m.def("omp_max_threads() -> int", &concept_kernels::omp_max_threads);
+  m.def("with_cuda() -> bool", &concept_kernels::with_cuda);
+
+  // Op schemas go here, one block per op.
+}
+
+extern "C" {
+// `import concept_kernels._C` calls this; it returns an empty module. Loading the library is the
+// point: it runs the TORCH_LIBRARY / TORCH_LIBRARY_IMPL static initializers above and in csrc/<op>/.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT,
+      "_C",                                                       // m_name
+      "concept_kernels C++/CUDA ops; use torch.ops.concept_kernels",  // m_doc
+      -1,                                                         // m_size: no per-interpreter state
+      nullptr,                                                    // m_methods
+  };
+  return PyModule_Create(&module_def);
+}
+}
