@@ -360,7 +360,7 @@ def contrastive_losses_published(zq: torch.Tensor, zk: torch.Tensor, Zq_p: torch
       * ``ck.image_contrastive_loss(zq, zk, queue_z_to_api(Qz_snapshot), y, temperature=T)``
         == L_img.
       * ``ck.concept_contrastive_loss(Zq_p, Zk_p, Qh_snapshot, y, conf, temperature=T,
-        choice_cur=r_cur[:, None], choice_pos=r_pos, stop="group", ...)`` == L_con, i.e.
+        choice_cur=r_cur[:, None], choice_pos=r_pos, stop="published", ...)`` == L_con, i.e.
         r_cur[b] <-> choice_cur[b, 0] and r_pos[b, k] <-> choice_pos[b, k] (see picks_to_api).
         The published per-call batch-mean stop is stop="all" for the cur call and stop="row"
         for the per-sample POS / NEG calls.

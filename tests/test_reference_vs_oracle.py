@@ -331,7 +331,7 @@ def test_ot_stop_rules_problem_vs_row():
     it_row = _iters(cost, B, M, "row").reshape(B, M)
     assert not torch.equal(it_problem, it_row)
     assert (it_row == it_row[:, :1]).all() and (it_problem != it_problem[:, :1]).any()
-    assert (it_row.max(1).values <= it_problem.max(1).values).all()  # a mean stops no later
+    assert (it_row.max(1).values <= it_problem.max(1).values).all()  # here: not after the slowest
 
     max_iter = 40
     assert (_iters(cost, B, M, "problem", tol=0.0, max_iter=max_iter) == max_iter).all()
