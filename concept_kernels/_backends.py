@@ -87,31 +87,44 @@ def requested_backend(backend: Optional[str] = None) -> Optional[str]:
     return name
 
 
-def reasons(op: str, name: str, device: torch.device, explicit: bool) -> List[str]:
-    """Why backend ``name`` of ``op`` cannot run inputs on ``device`` (empty list = it can)."""
+Limits = Callable[[str], List[str]]
+
+
+def reasons(op: str, name: str, device: torch.device, explicit: bool, limits: Optional[Limits] = None) -> List[str]:
+    """Why backend ``name`` of ``op`` cannot run inputs on ``device`` (empty list = it can).
+
+    ``limits(name)`` adds the op's input-dependent reasons (sizes, modes) for this call; it is
+    never applied to ``reference``, which takes every valid input.
+    """
     b = _REGISTRY[op].backends[name]
     why = b.available()
     if why is not None:
         return [why]
-    return list(b.unsupported(device, explicit))
+    why = list(b.unsupported(device, explicit))
+    if not why and limits is not None and name != "reference":
+        why = list(limits(name))
+    return why
 
 
-def select(op: str, device: torch.device, backend: Optional[str] = None) -> Backend:
-    """Pick the backend that runs ``op`` for inputs on ``device`` (see module docstring)."""
+def select(op: str, device: torch.device, backend: Optional[str] = None, *, limits: Optional[Limits] = None) -> Backend:
+    """Pick the backend that runs ``op`` for inputs on ``device`` (see module docstring).
+
+    ``limits``: optional ``name -> reasons`` callback for the call's sizes and modes.
+    """
     rec = _REGISTRY[op]
     name = requested_backend(backend)
     if name is not None:
         if name not in rec.backends:
             have = ", ".join(rec.backends)
             raise BackendUnavailableError(f"{op} has no {name!r} backend (it has: {have})")
-        why = reasons(op, name, device, explicit=True)
+        why = reasons(op, name, device, explicit=True, limits=limits)
         if why:
             raise BackendUnavailableError(
                 f"{op}: backend {name!r} was requested but cannot run here: " + "; ".join(why)
             )
         return rec.backends[name]
     for b in rec.backends.values():
-        if not reasons(op, b.name, device, explicit=False):
+        if not reasons(op, b.name, device, explicit=False, limits=limits):
             return b
     raise AssertionError(f"{op}: no backend, not even reference, accepted device {device}")
 

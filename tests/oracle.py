@@ -7,7 +7,7 @@ blocking ``.item()`` per Sinkhorn iteration, i.e. the published *call pattern*; 
 purpose and works in float32 or float64 (use float64 for comparisons).
 
 All functions use the PUBLISHED tensor layouts.  The mapping onto the layouts of the vectorised
-reference (``docs/API_CONTRACT.md``) is documented in each docstring, and small converter helpers
+reference (the public functions of ``concept_kernels``) is documented in each docstring, and small converter helpers
 are provided at the bottom of this module:
 
 =====================  ==========================  ============================================

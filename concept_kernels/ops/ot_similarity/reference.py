@@ -11,7 +11,7 @@ Inputs are assumed validated by ``api.ot_similarity``.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -35,6 +35,14 @@ def stop_groups(B: int, M: int, stop: str, device: torch.device) -> Optional[tor
     return torch.zeros(B * M, dtype=torch.long, device=device)
 
 
+def sinkhorn_step(neg_c: torch.Tensor, f: torch.Tensor, g: torch.Tensor, *, eps: float, log_a: float,
+                  log_b: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One log-domain iteration for (Q, n, m) problems given -C/eps: returns (f_new, g_new, err (Q,))."""
+    f_new = eps * (log_a - torch.logsumexp(neg_c + (g / eps)[:, None, :], dim=2))
+    g_new = eps * (log_b - torch.logsumexp(neg_c + (f_new / eps)[:, :, None], dim=1))
+    return f_new, g_new, (f_new - f).abs().sum(dim=1)
+
+
 def sinkhorn_log(
     cost: torch.Tensor,
     *,
@@ -42,6 +50,7 @@ def sinkhorn_log(
     max_iter: int,
     tol: float,
     groups: Optional[torch.Tensor] = None,
+    step: Callable = sinkhorn_step,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Batched log-domain Sinkhorn with uniform marginals on ``cost`` (Q, n, m).
 
@@ -51,7 +60,8 @@ def sinkhorn_log(
     mean error of its group) falls below ``tol``; at most ``max_iter`` iterations.
 
     At each check point the stopped problems are compacted away, so the work follows the
-    iterations each problem needs rather than the slowest problem's count.
+    iterations each problem needs rather than the slowest problem's count. ``step`` is the
+    per-iteration function (``sinkhorn_step``; benchmarks pass a compiled one).
 
     Returns (f (Q, n), g (Q, m), iterations (Q,) int64 run by each problem).
     """
@@ -72,9 +82,7 @@ def sinkhorn_log(
     grp_l = groups
     active = torch.ones(Q, dtype=torch.bool, device=cost.device)
     for t in range(max_iter):
-        f_new = eps * (log_a - torch.logsumexp(neg_c + (g_l / eps)[:, None, :], dim=2))
-        g_new = eps * (log_b - torch.logsumexp(neg_c + (f_new / eps)[:, :, None], dim=1))
-        err = (f_new - f_l).abs().sum(dim=1)
+        f_new, g_new, err = step(neg_c, f_l, g_l, eps=eps, log_a=log_a, log_b=log_b)
         f_l = torch.where(active[:, None], f_new, f_l)
         g_l = torch.where(active[:, None], g_new, g_l)
         it_l += active.long()
@@ -136,7 +144,9 @@ def ot_similarity_ref(
         pi = lp.exp()
         out = 1.0 - (pi * (1.0 - flat_sim)).sum(dim=-1)
     else:
-        top = lp.topk(k, dim=-1).indices  # (B, M, k), descending plan
+        # descending plan; exact ties (duplicate patches) go to the lowest flat index, as in every
+        # backend, so that backends agree (torch.topk leaves the order of ties unspecified)
+        top = lp.sort(dim=-1, descending=True, stable=True).indices[..., :k]  # (B, M, k)
         if select == "sample":
             top = top.gather(-1, choice.unsqueeze(-1))  # (B, M, 1)
         out = flat_sim.gather(-1, top)
