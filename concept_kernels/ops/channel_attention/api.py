@@ -8,14 +8,21 @@ import torch
 from ... import _backends
 from ..._checks import check_same_device
 from .._common import check_feature_map, check_gamma
+from .function import channel_attention_fused
 from .reference import channel_attention_ref
 
 OP = "channel_attention"
 
+# Priority order: triton (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 and explicitly),
+# cpu (PyTorch's CPU flash kernel, CPU tensors), reference (anything) last.
+_backends.register(OP, _backends.Backend("triton", impl="triton", available=_backends.triton_missing,
+                                         unsupported=_backends.triton_unsupported))
+_backends.register(OP, _backends.Backend("cpu", impl="cpu", unsupported=_backends.cpu_only))
 _backends.register(OP, _backends.Backend("reference", impl=channel_attention_ref))
 
 
-def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional[str] = None) -> torch.Tensor:
+def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional[str] = None,
+                      input_precision: str = "ieee") -> torch.Tensor:
     r"""DANet channel attention (CAM) with a residual: ``gamma * softmax(rowmax(E) - E) @ X + x``.
 
     With X = x.view(B, C, N) (N = H·W) and the channel Gram matrix E = X Xᵀ (B, C, C), each channel
@@ -27,6 +34,16 @@ def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional
         x: (B, C, H, W) float16/bfloat16/float32/float64 (any strides, channels-last included).
         gamma: one-element tensor, shape () or (1,), the learnable residual scale (0 at init).
         backend: force a backend; None = fastest available (``CONCEPT_KERNELS_BACKEND`` honoured).
+        input_precision: dot precision of the triton backend for float32 inputs: "ieee" (default)
+            or "tf32x3" (near-fp32, faster on tensor cores). Plain "tf32" is refused: unscaled
+            energies reach the hundreds and TF32 perturbs them by 0.1-1. Ignored by other backends.
+
+    Backends (auto order): ``triton`` (CUDA tensors: flash-style fused kernel, saves O and the
+    per-row logsumexp, backward recomputes), ``cpu`` (CPU tensors: PyTorch's CPU flash-attention
+    kernel with q = -X, k = v = X, fused residual/backward epilogue), ``reference`` (eager DANet
+    form, builds B x C x C). The fused backends share one autograd (function.py) and never build
+    a C x C buffer. Low precision (fp16/bf16) is opt-in by passing such inputs; it is held to the
+    2x error rule, not to fp32 tolerances.
 
     Returns:
         (B, C, H, W) in x's dtype. Gradients flow to x and gamma.
@@ -39,7 +56,9 @@ def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional
     check_feature_map(x)
     check_gamma(gamma)
     check_same_device(x=x, gamma=gamma)
+    if input_precision not in ("ieee", "tf32x3"):
+        raise ValueError(f"input_precision must be 'ieee' or 'tf32x3', got {input_precision!r}")
     impl = _backends.select(OP, x.device, backend)
     if impl.name == "reference":
         return channel_attention_ref(x, gamma)
-    return impl.impl(x, gamma)  # pragma: no cover - fused backends land later
+    return channel_attention_fused(x, gamma, impl.impl, input_precision)
