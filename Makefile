@@ -1,6 +1,7 @@
 # concept_kernels developer targets. Every target creates .venv (pinned CPU stack) when missing.
 #   make test        CPU test suite (Triton kernels under TRITON_INTERPRET=1, no network)
-#   make demo        end-to-end demo            make bench       benchmarks -> bench/RESULTS.md
+#   make demo        fine-tuning demo (vanilla vs Concept-Tuning, few-shot digits)
+#   make ops-demo    the fused ops at realistic shapes   make bench  benchmarks -> bench/RESULTS.md
 #   make build       (re)build concept_kernels._C when csrc/ or setup.py changed
 #   make info        versions, built backends   make cuda-check  nvcc compile-check of csrc/**/*.cu
 #   make clean       build outputs (keeps .venv) make distclean   also .venv
@@ -21,7 +22,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 # rebuild when the extension is missing (e.g. after `make clean`), unless it is deliberately off
 EXT_MISSING := $(if $(filter-out 0,$(CONCEPT_KERNELS_NO_EXT))$(wildcard concept_kernels/_C*.so),,FORCE)
 
-.PHONY: venv build test demo bench info cuda-check clean distclean FORCE
+.PHONY: venv build test demo ops-demo bench info cuda-check clean distclean FORCE
 .DEFAULT_GOAL := test
 
 # one pip command: torch is pinned next to timm, so pip keeps the CPU torch build
@@ -40,6 +41,9 @@ test: $(BUILD_STAMP)
 	TRITON_INTERPRET=1 HF_HUB_OFFLINE=1 $(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(BUILD_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m concept_kernels.train.demo
+
+ops-demo: $(BUILD_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m concept_kernels.demo
 
 # which benchmarks `make bench` runs (default: all but the tiny smoke shapes), e.g.

