@@ -45,6 +45,14 @@ TORCH_LIBRARY(concept_kernels, m) {
   m.def("with_cuda() -> bool", &concept_kernels::with_cuda);
 
   // Op schemas go here, one block per op.
+
+  // ot_similarity (csrc/ot_similarity/; contract: docs/OT_BACKEND_CONTRACT.md). select 0 sample,
+  // 1 topk, 2 cost; stop 0 problem, 1 row, 2 all. aux: int64 (B, M, kk) flat plan indices, or the
+  // plan (B, M, P, P) for select=2. Autograd lives in Python (ops/ot_similarity/function.py).
+  m.def("ot_similarity_fwd(Tensor query, Tensor bank, Tensor index, Tensor choice, int select, int k, "
+        "float eps, int max_iter, float tol, int stop) -> (Tensor, Tensor)");
+  m.def("ot_similarity_bwd(Tensor grad_out, Tensor query, Tensor bank, Tensor index, Tensor aux, "
+        "int select) -> Tensor");
 }
 
 extern "C" {

@@ -183,7 +183,7 @@ BAD = [
     (dict(max_iter=2.5), TypeError, "max_iter must be an int"),
     (dict(tol=-1.0), ValueError, "tol must be >= 0"),
     (dict(backend="metal"), ValueError, "backend must be one of"),
-    (dict(backend="cuda"), ck.BackendUnavailableError, "ot_similarity has no 'cuda' backend"),
+    (dict(backend="cuda"), ck.BackendUnavailableError, "backend 'cuda' was requested but cannot run here"),
 ]
 
 

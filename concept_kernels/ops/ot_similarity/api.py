@@ -1,19 +1,80 @@
 """Public entry point of ``ot_similarity``: documentation, validation and backend dispatch."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
-from ... import _backends
+from ... import _backends, _ext
 from ..._checks import check_choice, check_float, check_index, check_positive, check_same_device, check_tensor
+from .function import ot_similarity_fused
 from .reference import ot_similarity_ref
 
 OP = "ot_similarity"
-SELECT_MODES = ("sample", "topk", "cost")
-STOP_MODES = ("problem", "row", "all")
+SELECT_MODES = ("sample", "topk", "cost")  # position = the contract's select int
+STOP_MODES = ("problem", "row", "all")  # position = the contract's stop int
+MAX_FUSED_P = 16  # patches per set the cpu/cuda kernels hold (csrc/ot_similarity, kMaxP)
 
+
+def _cpu_available() -> Optional[str]:
+    return None if _ext.HAS_EXT else _ext.EXT_ERROR
+
+
+def _cuda_available() -> Optional[str]:
+    if not _ext.HAS_EXT:
+        return _ext.EXT_ERROR
+    if not _ext.ext_has_cuda():
+        return ("concept_kernels._C was built without its CUDA kernels (the installed torch has no CUDA, "
+                "or nvcc was not found at build time)")
+    return None
+
+
+def _triton_available() -> Optional[str]:
+    why = _backends.triton_missing()
+    if why is not None:
+        return why
+    try:
+        from . import triton_impl  # noqa: F401
+    except Exception as e:  # noqa: BLE001  (a broken or missing module is a reason, not a crash)
+        return f"concept_kernels.ops.ot_similarity.triton_impl is not importable ({type(e).__name__}: {e})"
+    return None
+
+
+# priority: cuda, triton, cpu, then reference (always last)
 _backends.register(OP, _backends.Backend("reference", impl=ot_similarity_ref))
+_backends.register(OP, _backends.Backend("cuda", impl="cuda", available=_cuda_available,
+                                         unsupported=_backends.cuda_only))
+_backends.register(OP, _backends.Backend("triton", impl="triton", available=_triton_available,
+                                         unsupported=_backends.triton_unsupported))
+_backends.register(OP, _backends.Backend("cpu", impl="cpu", available=_cpu_available,
+                                         unsupported=_backends.cpu_only))
+
+
+def _mode_reasons(name: str, P: int, select: str, stop: str) -> List[str]:
+    """Why fused backend ``name`` cannot run these sizes/modes (empty = it can)."""
+    why = []
+    if name in ("cpu", "cuda") and P > MAX_FUSED_P:
+        why.append(f"the {name} kernels take P <= {MAX_FUSED_P} patches, got P={P}")
+    if name == "cuda" and stop != "problem":
+        why.append(f"the cuda backend implements stop='problem' only, got stop={stop!r}")
+    if name == "triton":
+        from . import triton_impl
+
+        reasons = getattr(triton_impl, "triton_unsupported_reasons", None)
+        if reasons is not None:
+            why.extend(reasons(SELECT_MODES.index(select), STOP_MODES.index(stop)))
+    return why
+
+
+def _fused(query, bank, index, *, select, k, choice, eps, max_iter, tol, stop, backend):
+    """Prepare the inputs for the contract (fp32/fp64, contiguous, int modes) and run the custom op."""
+    cdt = torch.float64 if query.dtype == torch.float64 else torch.float32
+    q = query.to(cdt).contiguous()
+    b = bank.detach().to(cdt).contiguous()
+    ch = choice.contiguous() if select == "sample" else torch.empty(0, dtype=torch.int64, device=query.device)
+    out, _aux = ot_similarity_fused(q, b, index.contiguous(), ch, SELECT_MODES.index(select), int(k),
+                                    float(eps), int(max_iter), float(tol), STOP_MODES.index(stop), backend)
+    return out if select == "topk" else out.squeeze(-1)
 
 
 def ot_similarity(
@@ -61,6 +122,17 @@ def ot_similarity(
     Gradients flow to ``query`` only; ``bank`` and the plan are constants (for ``"cost"`` this is
     the envelope gradient). Near-ties of π may swap which entries are selected between backends.
 
+    Backends (auto picks the first that is built and takes the inputs, in the order cuda, triton,
+    cpu, reference: so cuda for CUDA tensors, cpu for CPU tensors when the extension is built):
+
+    * ``"cpu"``: C++/OpenMP/SIMD, needs the extension ``concept_kernels._C``; P <= 16;
+    * ``"cuda"``: C++/CUDA, one problem per thread; P <= 16, ``stop="problem"`` only;
+    * ``"triton"``: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1`` when requested;
+    * ``"reference"``: vectorized PyTorch, any device.
+
+    The fused backends share one autograd (``concept_kernels::ot_similarity_fused``, see
+    ``function.py``). Inputs of every dtype are computed in float32 (float64 stays float64).
+
     Args:
         query: (B, P, D) float16/bfloat16/float32/float64, the query patch sets.
         bank: (R, P, D) float, the key patch sets (e.g. a class queue viewed as rows).
@@ -95,7 +167,9 @@ def ot_similarity(
         raise ValueError(f"bank must have shape (R, {P}, {D}) to match query (B, P, D), got {tuple(bank.shape)}")
     if index.shape[0] != B:
         raise ValueError(f"index must have shape ({B}, M) to match query's batch B={B}, got {tuple(index.shape)}")
-    check_index("index", index, bank.shape[0], "rows of bank")
+    compiling = torch.compiler.is_compiling()  # no host reads while tracing (the kernels check)
+    if not compiling:
+        check_index("index", index, bank.shape[0], "rows of bank")
     check_choice("select", select, SELECT_MODES)
     check_choice("stop", stop, STOP_MODES)
     check_positive("eps", eps)
@@ -111,10 +185,11 @@ def ot_similarity(
             choice = torch.randint(k, (B, M), device=query.device)
         else:
             check_tensor("choice", choice, shape=(B, M), shape_doc="(B, M)", allow_empty=True)
-            check_index("choice", choice, k, "k")
+            if not compiling:
+                check_index("choice", choice, k, "k")
     elif choice is not None:
         raise ValueError(f"choice is only used with select='sample', got select={select!r}")
-    impl = _backends.select(OP, query.device, backend)
+    impl = _backends.select(OP, query.device, backend, limits=lambda name: _mode_reasons(name, P, select, stop))
     if B * M == 0:
         shape = (B, M, k) if select == "topk" else (B, M)
         out_dtype = query.dtype if query.dtype in (torch.float32, torch.float64) else torch.float32
@@ -122,4 +197,4 @@ def ot_similarity(
     kwargs = dict(select=select, k=k, choice=choice, eps=eps, max_iter=max_iter, tol=tol, stop=stop)
     if impl.name == "reference":
         return ot_similarity_ref(query, bank, index, **kwargs)
-    return impl.impl(query, bank, index, **kwargs)  # pragma: no cover - fused backends land later
+    return _fused(query, bank, index, backend=impl.name, **kwargs)

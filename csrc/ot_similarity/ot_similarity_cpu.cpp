@@ -1,0 +1,407 @@
+// CPU launchers of ot_similarity (docs/OT_BACKEND_CONTRACT.md): OpenMP over problems, the per-problem
+// math of ot_similarity_problem.h (the code the CUDA launcher runs), SIMD over the plan's lanes.
+//
+//   fwd(query, bank, index, choice, select, k, eps, max_iter, tol, stop) -> (out, aux)
+//   bwd(grad_out, query, bank, index, aux, select) -> grad_query
+//
+// SIMD: the hot loops run over fixed-size lane arrays (MAXP = 8 or 16 lanes) and 32-byte partial
+// sums, which g++ -O3 vectorises without -ffast-math. The workers are compiled twice
+// (target_clones: x86-64-v3 = AVX2 + FMA, and the baseline) and the loader picks one per machine;
+// `flatten` inlines the whole per-problem solver into each clone.
+//
+// Stopping rules: stop=problem runs each problem to its own stop. stop=row / all (one mean err per
+// group: the M problems of a row, or all B*M) run the group's problems in lockstep chunks of
+// kChunk iterations from a saved (f, g) state, recording every problem's err per iteration; the
+// first iteration whose group mean is < tol ends the group, whose problems are then re-run from
+// the chunk's start for exactly that many iterations (deterministic: same code, same state).
+#include "ot_similarity/ot_similarity_host.h"
+#include "ot_similarity/ot_similarity_problem.h"
+#include "ot_similarity/ot_similarity_simd.h"
+
+#include "common/checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace concept_kernels {
+namespace {
+
+using ot::FwdArgs;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CK_CPU_WORKER \
+  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten, noinline))
+#else
+#define CK_CPU_WORKER __attribute__((flatten, noinline))
+#endif
+
+constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
+constexpr int64_t kBlock = 32;   // problems per OpenMP work item
+
+// ---- workers: one range of problems each (templates on the solver, instantiated below) -------
+// `order` lists the problems sorted by bank row (see problem_order), so that consecutive problems
+// share the bank row read through index: each row is fetched from memory about once.
+
+// stop = problem: the whole forward of problems order[n0 .. n1).
+template <typename S, typename T>
+inline void solve_range(const FwdArgs<T>& A, const int64_t* order, int64_t n0, int64_t n1) {
+  S s;
+  T lp[ot::kMaxP * ot::kMaxP];
+  for (int64_t n = n0; n < n1; ++n) ot::solve_problem<ot::kMaxP>(A, order[n], s, lp);
+}
+
+// Lockstep, start: cost matrices of problems order[n0 .. n1) into Cb (compact P x P each).
+template <typename S, typename T>
+inline void cost_range(const FwdArgs<T>& A, const int64_t* order, T* Cb, int64_t n0, int64_t n1) {
+  S s;
+  const int64_t PD = static_cast<int64_t>(A.P) * A.D, PP = A.P * A.P;
+  s.setup(A.P, A.eps);
+  for (int64_t n = n0; n < n1; ++n) {
+    const int64_t p = order[n];
+    s.set_cost(A.query + (p / A.M) * PD, A.bank + A.index[p] * PD, A.D);
+    s.store_cost(Cb + p * PP);
+  }
+}
+
+// Lockstep, one chunk: `iters` iterations of problems [p0, p1) from (Fi, Gi) into (Fo, Go); err
+// of every iteration into errs[p * kChunk + t].
+template <typename S, typename T>
+inline void chunk_range(const FwdArgs<T>& A, const T* Cb, const T* Fi, const T* Gi, T* Fo, T* Go,
+                        T* errs, int iters, int64_t p0, int64_t p1) {
+  S s;
+  const int64_t PP = A.P * A.P;
+  s.setup(A.P, A.eps);
+  for (int64_t p = p0; p < p1; ++p) {
+    s.load_cost(Cb + p * PP);
+    s.load_potentials(Fi + p * A.P, Gi + p * A.P);
+    for (int t = 0; t < iters; ++t) errs[p * kChunk + t] = s.step();
+    s.store_potentials(Fo + p * A.P, Go + p * A.P);
+  }
+}
+
+// Lockstep, end: outputs of problems [p0, p1) from their final (F, G).
+template <typename S, typename T>
+inline void final_range(const FwdArgs<T>& A, const T* Cb, const T* F, const T* G, int64_t p0, int64_t p1) {
+  S s;
+  T lp[ot::kMaxP * ot::kMaxP];
+  const int64_t PP = A.P * A.P;
+  s.setup(A.P, A.eps);
+  for (int64_t p = p0; p < p1; ++p) {
+    s.load_cost(Cb + p * PP);
+    s.load_potentials(F + p * A.P, G + p * A.P);
+    ot::write_outputs<ot::kMaxP>(A, p, s, lp);
+  }
+}
+
+// Plain entry points per solver (target_clones needs non-template functions).
+template <typename T>
+struct Workers {
+  void (*solve)(const FwdArgs<T>&, const int64_t*, int64_t, int64_t);
+  void (*cost)(const FwdArgs<T>&, const int64_t*, T*, int64_t, int64_t);
+  void (*chunk)(const FwdArgs<T>&, const T*, const T*, const T*, T*, T*, T*, int, int64_t, int64_t);
+  void (*final)(const FwdArgs<T>&, const T*, const T*, const T*, int64_t, int64_t);
+};
+
+#define CK_OT_WORKERS(T, S, SUFFIX, ATTR)                                                          \
+  ATTR void solve_##SUFFIX(const FwdArgs<T>& A, const int64_t* o, int64_t n0, int64_t n1) {        \
+    solve_range<S>(A, o, n0, n1);                                                                  \
+  }                                                                                                \
+  ATTR void cost_##SUFFIX(const FwdArgs<T>& A, const int64_t* o, T* Cb, int64_t n0, int64_t n1) {  \
+    cost_range<S>(A, o, Cb, n0, n1);                                                               \
+  }                                                                                                \
+  ATTR void chunk_##SUFFIX(const FwdArgs<T>& A, const T* Cb, const T* Fi, const T* Gi, T* Fo,      \
+                           T* Go, T* errs, int iters, int64_t p0, int64_t p1) {                    \
+    chunk_range<S>(A, Cb, Fi, Gi, Fo, Go, errs, iters, p0, p1);                                    \
+  }                                                                                                \
+  ATTR void final_##SUFFIX(const FwdArgs<T>& A, const T* Cb, const T* F, const T* G, int64_t p0,   \
+                           int64_t p1) {                                                           \
+    final_range<S>(A, Cb, F, G, p0, p1);                                                           \
+  }                                                                                                \
+  constexpr Workers<T> workers_##SUFFIX{&solve_##SUFFIX, &cost_##SUFFIX, &chunk_##SUFFIX,          \
+                                        &final_##SUFFIX};
+
+#define CK_COMMA ,
+// SIMD solvers: P = 9 specialised (float), P <= 8 in 8 lanes, P <= 16 in 16 lanes.
+CK_OT_WORKERS(float, ot::SinkhornSimd<float CK_COMMA 16 CK_COMMA 9>, f32_p9, CK_CPU_WORKER)
+CK_OT_WORKERS(float, ot::SinkhornSimd<float CK_COMMA 8>, f32_l8, CK_CPU_WORKER)
+CK_OT_WORKERS(float, ot::SinkhornSimd<float CK_COMMA 16>, f32_l16, CK_CPU_WORKER)
+CK_OT_WORKERS(double, ot::SinkhornSimd<double CK_COMMA 8>, f64_l8, CK_CPU_WORKER)
+CK_OT_WORKERS(double, ot::SinkhornSimd<double CK_COMMA 16>, f64_l16, CK_CPU_WORKER)
+// The scalar solver the CUDA launcher runs (CONCEPT_KERNELS_OT_SCALAR=1, for tests).
+CK_OT_WORKERS(float, ot::Sinkhorn<float CK_COMMA 16>, f32_scalar, __attribute__((noinline)))
+CK_OT_WORKERS(double, ot::Sinkhorn<double CK_COMMA 16>, f64_scalar, __attribute__((noinline)))
+#undef CK_OT_WORKERS
+#undef CK_COMMA
+
+bool use_scalar_solver() {
+  const char* e = std::getenv("CONCEPT_KERNELS_OT_SCALAR");
+  return e != nullptr && e[0] != '\0' && !(e[0] == '0' && e[1] == '\0');
+}
+
+const Workers<float>& workers_for(float, int P) {
+  if (use_scalar_solver()) return workers_f32_scalar;
+  if (P == 9) return workers_f32_p9;
+  return P <= 8 ? workers_f32_l8 : workers_f32_l16;
+}
+const Workers<double>& workers_for(double, int P) {
+  if (use_scalar_solver()) return workers_f64_scalar;
+  return P <= 8 ? workers_f64_l8 : workers_f64_l16;
+}
+
+// Problems sorted by bank row (stable: p ascending within a row): counting sort when the bank is
+// not much larger than the number of problems, else a stable sort.
+std::vector<int64_t> problem_order(const int64_t* index, int64_t Q, int64_t R) {
+  std::vector<int64_t> order(Q);
+  if (R <= 4 * Q + 1024) {
+    std::vector<int64_t> start(R + 1, 0);
+    for (int64_t p = 0; p < Q; ++p) ++start[index[p] + 1];
+    for (int64_t r = 0; r < R; ++r) start[r + 1] += start[r];
+    for (int64_t p = 0; p < Q; ++p) order[start[index[p]]++] = p;
+  } else {
+    for (int64_t p = 0; p < Q; ++p) order[p] = p;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return index[x] < index[y]; });
+  }
+  return order;
+}
+
+// Work items [n0, n1) of at most kBlock problems covering the given ranges.
+std::vector<std::pair<int64_t, int64_t>> blocks_of(const std::vector<std::pair<int64_t, int64_t>>& ranges) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  for (auto [a, b] : ranges)
+    for (int64_t p = a; p < b; p += kBlock) out.emplace_back(p, std::min(b, p + kBlock));
+  return out;
+}
+
+template <typename Fn>
+void parallel_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, const Fn& fn) {
+  const int64_t n = static_cast<int64_t>(blocks.size());
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+  for (int64_t t = 0; t < n; ++t) fn(blocks[t].first, blocks[t].second);
+}
+
+// stop = row / all: lockstep chunks with a group-mean stop (see the file comment).
+template <typename T>
+void solve_groups(const FwdArgs<T>& A, const Workers<T>& W, const std::vector<int64_t>& order, int stop) {
+  const int64_t Q = A.B * A.M, P = A.P;
+  const int64_t n_groups = stop == ot::kStopRow ? A.B : 1;
+  const int64_t gsize = Q / n_groups;
+  std::vector<T> Cb(Q * P * P), F(Q * P, T(0)), G(Q * P, T(0)), F2(Q * P), G2(Q * P);
+  std::vector<T> errs(Q * kChunk);
+  parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.cost(A, order.data(), Cb.data(), a, b); });
+
+  std::vector<int64_t> active(n_groups);
+  for (int64_t g = 0; g < n_groups; ++g) active[g] = g;
+  int done = 0;
+  auto run_chunk = [&](const std::vector<std::pair<int64_t, int64_t>>& ranges, int iters) {
+    parallel_blocks(blocks_of(ranges), [&](int64_t a, int64_t b) {
+      W.chunk(A, Cb.data(), F.data(), G.data(), F2.data(), G2.data(), errs.data(), iters, a, b);
+    });
+    for (auto [a, b] : ranges) {
+      std::copy(F2.begin() + a * P, F2.begin() + b * P, F.begin() + a * P);
+      std::copy(G2.begin() + a * P, G2.begin() + b * P, G.begin() + a * P);
+    }
+  };
+  while (!active.empty() && done < A.max_iter) {
+    const int n = std::min(kChunk, A.max_iter - done);
+    std::vector<std::pair<int64_t, int64_t>> ranges;
+    for (int64_t g : active) ranges.emplace_back(g * gsize, (g + 1) * gsize);
+    parallel_blocks(blocks_of(ranges), [&](int64_t a, int64_t b) {
+      W.chunk(A, Cb.data(), F.data(), G.data(), F2.data(), G2.data(), errs.data(), n, a, b);
+    });
+    std::vector<int64_t> still;
+    for (int64_t g : active) {
+      const int64_t a = g * gsize, b = (g + 1) * gsize;
+      int stop_at = -1;  // first iteration of the chunk whose group mean err < tol, summed in p order
+      for (int t = 0; t < n && stop_at < 0; ++t) {
+        T sum = 0;
+        for (int64_t p = a; p < b; ++p) sum += errs[p * kChunk + t];
+        if (sum / static_cast<T>(gsize) < A.tol) stop_at = t + 1;
+      }
+      if (stop_at > 0 && stop_at < n) {
+        run_chunk({{a, b}}, stop_at);  // stopped inside the chunk: redo its iterations up to there
+        continue;
+      }
+      std::copy(F2.begin() + a * P, F2.begin() + b * P, F.begin() + a * P);
+      std::copy(G2.begin() + a * P, G2.begin() + b * P, G.begin() + a * P);
+      if (stop_at < 0) still.push_back(g);
+    }
+    active.swap(still);
+    done += n;
+  }
+  parallel_blocks(blocks_of({{0, Q}}),
+                  [&](int64_t a, int64_t b) { W.final(A, Cb.data(), F.data(), G.data(), a, b); });
+}
+
+template <typename T>
+void run_fwd(const FwdArgs<T>& A, int64_t bank_rows, int stop) {
+  const int64_t Q = A.B * A.M;
+  const Workers<T>& W = workers_for(T(), A.P);
+  const std::vector<int64_t> order = problem_order(A.index, Q, bank_rows);
+  if (stop == ot::kStopProblem) {
+    parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.solve(A, order.data(), a, b); });
+  } else {
+    solve_groups<T>(A, W, order, stop);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query, const at::Tensor& bank,
+                                                         const at::Tensor& index, const at::Tensor& choice,
+                                                         int64_t select, int64_t k, double eps,
+                                                         int64_t max_iter, double tol, int64_t stop) {
+  const ot_host::Shape sh = ot_host::check_fwd_inputs(query, bank, index, choice, select, k, eps, max_iter, tol,
+                                                      stop, c10::DeviceType::CPU);
+  at::Tensor out, aux;
+  std::tie(out, aux) = ot_host::alloc_fwd_outputs(query, index, sh, select);
+  if (sh.B * sh.M == 0) return {out, aux};
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_fwd_cpu", [&] {
+    const FwdArgs<scalar_t> A =
+        ot_host::make_fwd_args<scalar_t>(query, bank, index, choice, out, aux, sh, select, k, eps, max_iter, tol);
+    run_fwd<scalar_t>(A, bank.size(0), static_cast<int>(stop));
+  });
+  return {out, aux};
+}
+
+template <typename T>
+struct BwdArgs : ot_host::BwdPtrs<T> {  // go, bank, index, aux_idx, aux_pi, gq
+  const int64_t* order;    // problems in bank-row order
+  const int32_t* order_b;  // their rows b (no division in the loop)
+  int64_t B, M, P, D, kk, select;
+  int32_t row_of[ot::kMaxP * ot::kMaxP], col_of[ot::kMaxP * ot::kMaxP];  // flat e -> (i, j)
+};
+
+constexpr int64_t kPrefetch = 16;  // problems ahead
+
+// One work item: rows b0..b1 of grad_query, columns d0..d1.
+template <typename T>
+inline void bwd_item(const BwdArgs<T>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  const int64_t P = A.P, D = A.D, Q = A.B * A.M;
+  for (int64_t n = 0; n < Q; ++n) {
+    if (n + kPrefetch < Q) {  // the problems come in bank-row order: their aux / grad rows are scattered
+      const int64_t pf = A.order[n + kPrefetch];
+      __builtin_prefetch(A.index + pf);
+      if (A.select == ot::kSelectCost) {
+        __builtin_prefetch(A.go + pf);
+      } else {
+        __builtin_prefetch(A.aux_idx + pf * A.kk);
+        __builtin_prefetch(A.go + pf * A.kk);
+      }
+    }
+    const int64_t b = A.order_b[n];
+    if (b < b0 || b >= b1) continue;
+    const int64_t p = A.order[n];
+    T* g = A.gq + b * P * D;
+    const T* Y = A.bank + A.index[p] * P * D;
+    if (A.select == ot::kSelectCost) {
+      const T w = A.go[p];
+      const T* pi = A.aux_pi + p * P * P;
+      for (int64_t i = 0; i < P; ++i)
+        for (int64_t j = 0; j < P; ++j) {
+          const T c = w * pi[i * P + j];
+          T* __restrict__ gi = g + i * D;
+          const T* __restrict__ yj = Y + j * D;
+          for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
+        }
+    } else {
+      for (int64_t s = 0; s < A.kk; ++s) {
+        const int64_t e = A.aux_idx[p * A.kk + s];
+        const T c = A.go[p * A.kk + s];
+        T* __restrict__ gi = g + A.row_of[e] * D;
+        const T* __restrict__ yj = Y + A.col_of[e] * D;
+        for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
+      }
+    }
+  }
+}
+CK_CPU_WORKER void bwd_item_f32(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_item(A, b0, b1, d0, d1);
+}
+CK_CPU_WORKER void bwd_item_f64(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_item(A, b0, b1, d0, d1);
+}
+inline void bwd_item_any(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_item_f32(A, b0, b1, d0, d1);
+}
+inline void bwd_item_any(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_item_f64(A, b0, b1, d0, d1);
+}
+
+// grad_query[b, i, :] = sum over the problems p of row b, in bank-row order (problem_order), of the
+// selected entries' grad_out x bank rows. Work items are (block of b, slice of D): each output
+// element has one owner and its summation order is "the problems of its row b in bank-row order,
+// then the selected entries (or j) ascending" whatever the blocking and the thread count, so the
+// result is bitwise reproducible; walking the problems in bank-row order reads each bank row
+// about once for all b (no atomics, no per-thread partial sums).
+template <typename T>
+void run_bwd(const BwdArgs<T>& A) {
+  constexpr int64_t kSlice = 64;
+  const int64_t n_slices = (A.D + kSlice - 1) / kSlice;
+#ifdef _OPENMP
+  const int64_t threads = omp_get_max_threads();
+#else
+  const int64_t threads = 1;
+#endif
+  // as few b-blocks as keep the threads busy: a block walks all its problems in bank-row order, so
+  // one block over every b reads each bank row once for the whole batch
+  const int64_t n_bblocks = std::min<int64_t>(A.B, std::max<int64_t>(1, (threads + n_slices - 1) / n_slices));
+  const int64_t bsize = (A.B + n_bblocks - 1) / n_bblocks;
+  const int64_t n_items = n_bblocks * n_slices;
+#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1)
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t b0 = (item / n_slices) * bsize, d0 = (item % n_slices) * kSlice;
+    bwd_item_any(A, b0, std::min(A.B, b0 + bsize), d0, std::min(A.D, d0 + kSlice));
+  }
+}
+
+at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
+                                 const at::Tensor& index, const at::Tensor& aux_in, int64_t select) {
+  const ot_host::Shape sh =
+      ot_host::check_bwd_inputs(grad_out_in, query, bank, index, aux_in, select, c10::DeviceType::CPU);
+  const int64_t B = sh.B, P = sh.P, D = sh.D, M = sh.M, kk = sh.kk;
+  const at::Tensor grad_out = grad_out_in.to(query.scalar_type()).contiguous();
+  const at::Tensor aux = aux_in.contiguous();
+  ot_host::check_bwd_aux(grad_out, aux, query, bank, index, sh, select, c10::DeviceType::CPU);
+  at::Tensor gq = ot_host::alloc_bwd_output(query, sh);
+  if (B * M == 0) return gq;
+  const std::vector<int64_t> order = problem_order(index.data_ptr<int64_t>(), B * M, bank.size(0));
+  std::vector<int32_t> order_b(order.size());
+  for (size_t n = 0; n < order.size(); ++n) order_b[n] = static_cast<int32_t>(order[n] / M);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_bwd_cpu", [&] {
+    BwdArgs<scalar_t> A;
+    static_cast<ot_host::BwdPtrs<scalar_t>&>(A) =
+        ot_host::make_bwd_ptrs<scalar_t>(grad_out, bank, index, aux, gq, select);
+    A.order = order.data();
+    A.order_b = order_b.data();
+    for (int64_t e = 0; e < P * P; ++e) {
+      A.row_of[e] = static_cast<int32_t>(e / P);
+      A.col_of[e] = static_cast<int32_t>(e % P);
+    }
+    A.B = B;
+    A.M = M;
+    A.P = P;
+    A.D = D;
+    A.kk = kk;
+    A.select = select;
+    run_bwd(A);
+  });
+  return gq;
+}
+
+}  // namespace
+}  // namespace concept_kernels
+
+TORCH_LIBRARY_IMPL(concept_kernels, CPU, m) {
+  m.impl("ot_similarity_fwd", &concept_kernels::ot_similarity_fwd_cpu);
+  m.impl("ot_similarity_bwd", &concept_kernels::ot_similarity_bwd_cpu);
+}

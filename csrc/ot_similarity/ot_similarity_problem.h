@@ -1,0 +1,524 @@
+// Per-problem math of ot_similarity, shared by the CPU launcher (ot_similarity_cpu.cpp, compiled by
+// the host compiler) and the CUDA launcher (ot_similarity_cuda.cu, one problem per thread).
+// No torch includes: raw pointers and sizes only (docs/OT_BACKEND_CONTRACT.md is the spec).
+//
+// One problem (b, m): X = query[b] (P, D), Y = bank[index[b, m]] (P, D), read in place.
+//   C_ij = 1 - <x_i, y_j>;  f = g = 0;  per iteration
+//   f_i = eps (log(1/P) - LSE_j((g_j - C_ij)/eps)),  g_j = eps (log(1/P) - LSE_i((f_i - C_ij)/eps)),
+//   err = sum_i |f_i - f_i_old|; stop after the iteration where err < tol (or max_iter);
+//   log pi_ij = (f_i + g_j - C_ij)/eps ranked (ties: lowest flat index i*P + j first).
+//
+// Absorption (performance_notes §2.6 (ii), Schmitzer's stabilised Sinkhorn): the potentials are
+// kept as f = f0 + eps log u, g = g0 + eps log v with the kernel K_ij = exp((f0_i + g0_j - C_ij)/eps)
+// cached, so an iteration is two P x P multiply-adds plus 2P divisions and P logs (for err)
+// instead of 2 P^2 exps. The update is the same math as the log-domain one:
+//   LSE_j((g_j - C_ij)/eps) = -f0_i/eps + log(sum_j K_ij v_j)  =>  u_i' = (1/P) / sum_j K_ij v_j.
+// Safeguards keep it as accurate as the log domain: a half-step whose sums leave [kSumLo, kSumHi]
+// (underflow of K, e.g. at the start or for eps = 1e-3) is redone exactly in the log domain with
+// max-subtraction, and scalings outside [1/kTau, kTau] are absorbed into f0/g0 (K rebuilt). Entries
+// of K that underflow are below exp(-87) of a row whose sum is ~1/P, so dropping them is below
+// fp32 rounding even after the scalings move them by kTau^2.
+#pragma once
+
+#include "common/host_device.h"
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define CK_UNROLL _Pragma("unroll")
+#else
+#define CK_UNROLL
+#endif
+
+namespace concept_kernels {
+namespace ot {
+
+constexpr int kSelectSample = 0, kSelectTopk = 1, kSelectCost = 2;
+constexpr int kStopProblem = 0, kStopRow = 1, kStopAll = 2;
+constexpr int kMaxP = 16;  // largest patch count of the fused backends
+
+// ---- elementary functions --------------------------------------------------------------------
+// Host float: branch-free Cephes polynomials (~1 ulp) so that loops over lanes vectorise (glibc's
+// expf/logf are scalar calls). Device and double: the math library.
+
+#if !defined(__CUDA_ARCH__)
+CK_INLINE float bits_to_float(int32_t i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
+CK_INLINE int32_t float_to_bits(float f) {
+  int32_t i;
+  std::memcpy(&i, &f, sizeof i);
+  return i;
+}
+
+// exp(x), flushed to 0 below -87.33 (no denormals), clamped at 88.3.
+CK_INLINE float fast_expf(float x) {
+  const bool under = x < -87.33f;
+  x = x < -87.33f ? -87.33f : (x > 88.3f ? 88.3f : x);
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = (p * (r * r) + r) + 1.0f;
+  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
+  return under ? 0.0f : y * scale;
+}
+
+// log(x) for positive normal x (callers guarantee it).
+CK_INLINE float fast_logf(float x) {
+  const int32_t bits = float_to_bits(x);
+  const int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m 2^e, m in [0.5, 1)
+  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
+  const bool small = m < 0.707106781186547524f;
+  const float fe = static_cast<float>(small ? e - 1 : e);
+  m = small ? (m + m) - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += fe * -2.12194440e-4f;
+  y += -0.5f * z;
+  return (m + y) + fe * 0.693359375f;
+}
+#endif
+
+CK_HOST_DEVICE CK_INLINE float ck_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  return fast_expf(x);
+#endif
+}
+CK_HOST_DEVICE CK_INLINE double ck_exp(double x) { return exp(x); }
+CK_HOST_DEVICE CK_INLINE float ck_log(float x) {
+#if defined(__CUDA_ARCH__)
+  return logf(x);
+#else
+  return fast_logf(x);
+#endif
+}
+CK_HOST_DEVICE CK_INLINE double ck_log(double x) { return log(x); }
+template <typename T>
+CK_HOST_DEVICE CK_INLINE T ck_abs(T x) { return x < T(0) ? -x : x; }
+
+// Thresholds of the absorption safeguards (see the file comment).
+template <typename T>
+struct Limits;
+template <>
+struct Limits<float> {
+  static constexpr float kTau = 1e4f, kSumLo = 1e-20f, kSumHi = 1e20f;
+};
+template <>
+struct Limits<double> {
+  static constexpr double kTau = 1e10, kSumLo = 1e-200, kSumHi = 1e200;
+};
+
+// ---- inputs and outputs of the forward, shared by the launchers ------------------------------
+template <typename T>
+struct FwdArgs {
+  const T* query;         // (B, P, D)
+  const T* bank;          // (R, P, D)
+  const int64_t* index;   // (B, M) in [0, R)
+  const int64_t* choice;  // (B, M) in [0, k), select == sample only
+  T* out;                 // (B, M, kk)
+  int64_t* aux_idx;       // (B, M, kk) flat plan indices (sample, topk)
+  T* aux_pi;              // (B, M, P, P) final plan (cost)
+  int64_t B, M;
+  int P, D, select, k, kk, max_iter;
+  T eps, tol;
+};
+
+// ---- cost: dot products read in place -------------------------------------------------------
+// <a, b> over D. Host: 32-byte lanes of partial sums (vectorised without -ffast-math), fixed tree.
+template <typename T>
+CK_HOST_DEVICE CK_INLINE T dot(const T* a, const T* b, int D) {
+#if defined(__CUDA_ARCH__)
+  T acc = 0;
+  for (int d = 0; d < D; ++d) acc += a[d] * b[d];
+  return acc;
+#else
+  constexpr int L = 32 / sizeof(T);
+  T acc[L] = {};
+  int d = 0;
+  for (; d + L <= D; d += L)
+    for (int l = 0; l < L; ++l) acc[l] += a[d + l] * b[d + l];
+  T tail = 0;
+  for (; d < D; ++d) tail += a[d] * b[d];
+  for (int w = L / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+  return acc[0] + tail;
+#endif
+}
+
+
+// ---- the Sinkhorn state of one problem (scalar form) -------------------------------------------
+// MAXP: compile-time capacity, P <= MAXP at run time; padded entries hold 0. This is the form the
+// CUDA launcher runs (one problem per thread). The CPU launcher runs the SIMD form of the same math
+// (ot_similarity_simd.h) and this one when CONCEPT_KERNELS_OT_SCALAR=1 (tests), so CPU tests cover
+// the code the GPU runs.
+template <typename T, int MAXP>
+struct Sinkhorn {
+  int P;
+  T eps, inv_eps, log_a, a;  // log_a = log(1/P), a = 1/P
+  T C[MAXP * MAXP];          // C[i*MAXP + j]
+  T K[MAXP * MAXP];          // exp((f0_i + g0_j - C_ij)/eps), valid when k_valid
+  T f0[MAXP], g0[MAXP], u[MAXP], lu[MAXP], v[MAXP];  // f = f0 + eps lu, lu = log u; g = g0 + eps log v
+  bool k_valid;
+
+  CK_HOST_DEVICE void setup(int P_, T eps_) {
+    P = P_;
+    eps = eps_;
+    inv_eps = T(1) / eps_;
+    a = T(1) / T(P_);
+    log_a = -ck_log(T(P_));
+  }
+
+  // C from query rows x (P, D) and bank rows y (P, D), both read in place.
+  CK_HOST_DEVICE void set_cost(const T* x, const T* y, int D) {
+    for (int i = 0; i < MAXP; ++i)
+      for (int j = 0; j < MAXP; ++j)
+        C[i * MAXP + j] = (i < P && j < P) ? T(1) - dot(x + i * D, y + j * D, D) : T(0);
+  }
+
+  // C from / to a compact (P, P) array (the lockstep driver stores costs between chunks).
+  CK_HOST_DEVICE void load_cost(const T* Cc) {
+    for (int i = 0; i < MAXP; ++i)
+      for (int j = 0; j < MAXP; ++j) C[i * MAXP + j] = (i < P && j < P) ? Cc[i * P + j] : T(0);
+  }
+  CK_HOST_DEVICE void store_cost(T* Cc) const {
+    for (int i = 0; i < P; ++i)
+      for (int j = 0; j < P; ++j) Cc[i * P + j] = C[i * MAXP + j];
+  }
+  CK_HOST_DEVICE T cost_at(int flat) const { return C[(flat / P) * MAXP + flat % P]; }
+
+  // Potentials f, g (nullptr = 0, the start of the solve); K is rebuilt lazily.
+  CK_HOST_DEVICE void load_potentials(const T* f, const T* g) {
+    for (int l = 0; l < MAXP; ++l) {
+      const bool in = l < P;
+      f0[l] = (in && f) ? f[l] : T(0);
+      g0[l] = (in && g) ? g[l] : T(0);
+      u[l] = in ? T(1) : T(0);
+      v[l] = in ? T(1) : T(0);
+      lu[l] = T(0);
+    }
+    k_valid = false;
+  }
+
+  // Fold the scalings into the potentials: afterwards f = f0, g = g0 exactly.
+  CK_HOST_DEVICE void fold() {
+    for (int l = 0; l < MAXP; ++l) {
+      const bool in = l < P;
+      f0[l] = f0[l] + eps * lu[l];
+      g0[l] = g0[l] + eps * ck_log(in ? v[l] : T(1));
+      u[l] = in ? T(1) : T(0);
+      v[l] = in ? T(1) : T(0);
+      lu[l] = T(0);
+    }
+    k_valid = false;
+  }
+
+  CK_HOST_DEVICE void store_potentials(T* f, T* g) {
+    fold();
+    for (int l = 0; l < P; ++l) {
+      f[l] = f0[l];
+      g[l] = g0[l];
+    }
+  }
+
+  CK_HOST_DEVICE void rebuild_kernel() {
+    for (int i = 0; i < MAXP; ++i)
+      for (int j = 0; j < MAXP; ++j) {
+        const T x = ((f0[i] + g0[j]) - C[i * MAXP + j]) * inv_eps;
+        K[i * MAXP + j] = (i < P && j < P) ? ck_exp(x) : T(0);
+      }
+    k_valid = true;
+  }
+
+  // Exact log-domain f half-step with max-subtraction (g = g0 + eps log v). Returns err.
+  CK_HOST_DEVICE T f_step_log() {
+    for (int j = 0; j < MAXP; ++j) {  // absorb v into g0
+      g0[j] = g0[j] + eps * ck_log(j < P ? v[j] : T(1));
+      v[j] = j < P ? T(1) : T(0);
+    }
+    T err = 0;
+    for (int i = 0; i < MAXP; ++i) {
+      T mx = -INFINITY, sum = 0;
+      for (int j = 0; j < MAXP; ++j)
+        if (j < P) {
+          const T x = (g0[j] - C[i * MAXP + j]) * inv_eps;
+          mx = x > mx ? x : mx;
+        }
+      for (int j = 0; j < MAXP; ++j)
+        if (j < P) sum += ck_exp((g0[j] - C[i * MAXP + j]) * inv_eps - mx);
+      const bool in = i < P;
+      const T fn = in ? eps * (log_a - (mx + ck_log(sum))) : T(0);
+      if (in) err += ck_abs(fn - (f0[i] + eps * lu[i]));
+      f0[i] = fn;
+      u[i] = in ? T(1) : T(0);
+      lu[i] = T(0);
+    }
+    k_valid = false;
+    return err;
+  }
+
+  // Exact log-domain g half-step (f = f0 + eps lu).
+  CK_HOST_DEVICE void g_step_log() {
+    for (int i = 0; i < MAXP; ++i) {  // absorb u into f0
+      f0[i] = f0[i] + eps * lu[i];
+      u[i] = i < P ? T(1) : T(0);
+      lu[i] = T(0);
+    }
+    for (int j = 0; j < MAXP; ++j) {
+      T mx = -INFINITY, sum = 0;
+      for (int i = 0; i < MAXP; ++i)
+        if (i < P) {
+          const T x = (f0[i] - C[i * MAXP + j]) * inv_eps;
+          mx = x > mx ? x : mx;
+        }
+      for (int i = 0; i < MAXP; ++i)
+        if (i < P) sum += ck_exp((f0[i] - C[i * MAXP + j]) * inv_eps - mx);
+      const bool in = j < P;
+      g0[j] = in ? eps * (log_a - (mx + ck_log(sum))) : T(0);
+      v[j] = in ? T(1) : T(0);
+    }
+    k_valid = false;
+  }
+
+  // f half-step: multiplicative when K is valid and the sums are safe, else exact. Returns err.
+  CK_HOST_DEVICE T f_step() {
+    if (!k_valid) return f_step_log();
+    T un[MAXP], lun[MAXP];
+    bool safe = true, keep = true;
+    for (int i = 0; i < MAXP; ++i) {
+      T s = 0;  // s_i = sum_j K_ij v_j
+      for (int j = 0; j < MAXP; ++j)
+        if (j < P) s += K[i * MAXP + j] * v[j];
+      const bool in = i < P;
+      safe &= (!in) | ((s >= Limits<T>::kSumLo) & (s <= Limits<T>::kSumHi));
+      un[i] = in ? a / s : T(0);
+      keep &= (!in) | ((un[i] >= T(1) / Limits<T>::kTau) & (un[i] <= Limits<T>::kTau));
+    }
+    if (!safe) return f_step_log();
+    T err = 0;
+    for (int i = 0; i < MAXP; ++i) {
+      lun[i] = i < P ? ck_log(un[i]) : T(0);
+      if (i < P) err += ck_abs(lun[i] - lu[i]);
+    }
+    err *= eps;
+    for (int i = 0; i < MAXP; ++i) {
+      if (keep) {
+        u[i] = un[i];
+        lu[i] = lun[i];
+      } else {  // absorb: f0 += eps log u', K rebuilt at the next g half-step
+        f0[i] = f0[i] + eps * lun[i];
+        u[i] = i < P ? T(1) : T(0);
+        lu[i] = T(0);
+      }
+    }
+    if (!keep) k_valid = false;
+    return err;
+  }
+
+  // g half-step with the new f.
+  CK_HOST_DEVICE void g_step() {
+    if (!k_valid) rebuild_kernel();
+    T vn[MAXP];
+    bool safe = true, keep = true;
+    for (int j = 0; j < MAXP; ++j) {
+      T t = 0;  // t_j = sum_i K_ij u_i
+      for (int i = 0; i < MAXP; ++i)
+        if (i < P) t += K[i * MAXP + j] * u[i];
+      const bool in = j < P;
+      safe &= (!in) | ((t >= Limits<T>::kSumLo) & (t <= Limits<T>::kSumHi));
+      vn[j] = in ? a / t : T(0);
+      keep &= (!in) | ((vn[j] >= T(1) / Limits<T>::kTau) & (vn[j] <= Limits<T>::kTau));
+    }
+    if (!safe) {
+      g_step_log();
+      return;
+    }
+    for (int j = 0; j < MAXP; ++j) {
+      if (keep) {
+        v[j] = vn[j];
+      } else {
+        g0[j] = g0[j] + eps * ck_log(j < P ? vn[j] : T(1));
+        v[j] = j < P ? T(1) : T(0);
+      }
+    }
+    if (!keep) k_valid = false;
+  }
+
+  // One Sinkhorn iteration; returns err = sum_i |f_i - f_i_old|.
+  CK_HOST_DEVICE T step() {
+    const T err = f_step();
+    g_step();
+    return err;
+  }
+
+  // Iterate until err < tol or max_iter iterations (stop = problem). Returns the iterations run.
+  CK_HOST_DEVICE int solve(int max_iter, T tol) {
+    int it = 0;
+    while (it < max_iter) {
+      const T err = step();
+      ++it;
+      if (err < tol) break;
+    }
+    return it;
+  }
+
+  // log pi (flat i*P + j, compact) from the folded potentials; call fold() first.
+  CK_HOST_DEVICE void log_plan(T* lp) const {
+    for (int i = 0; i < P; ++i)
+      for (int j = 0; j < P; ++j) lp[i * P + j] = ((f0[i] + g0[j]) - C[i * MAXP + j]) / eps;
+  }
+};
+
+// ---- selection --------------------------------------------------------------------------------
+// Ranking order: larger log pi first, equal values by lower flat index.
+template <typename T>
+CK_HOST_DEVICE CK_INLINE bool ranks_before(T va, int ia, T vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// The entry ranked right after (prev_v, prev_i) in lp[0..n) (the first one when prev_i < 0): one
+// scan, no buffer. Updates prev_i/prev_v to the entry found and returns its flat index.
+template <typename T>
+CK_HOST_DEVICE CK_INLINE int next_ranked(const T* lp, int n, int& prev_i, T& prev_v) {
+  int best_i = -1;
+  T best_v = 0;
+  for (int e = 0; e < n; ++e) {
+    const T x = lp[e];
+    const bool after = prev_i < 0 || ranks_before(prev_v, prev_i, x, e);
+    if (after && (best_i < 0 || ranks_before(x, e, best_v, best_i))) {
+      best_i = e;
+      best_v = x;
+    }
+  }
+  if (best_i < 0) best_i = 0;  // only with NaN in lp
+  prev_i = best_i;
+  prev_v = lp[best_i];
+  return best_i;
+}
+
+// Flat index of the r-th entry (0-based) in ranking order: r + 1 scans (sample; device topk).
+template <typename T>
+CK_HOST_DEVICE CK_INLINE int select_rank(const T* lp, int n, int r) {
+  int prev_i = -1;
+  T prev_v = 0;
+  int e = 0;
+  for (int s = 0; s <= r; ++s) e = next_ranked(lp, n, prev_i, prev_v);
+  return e;
+}
+
+#if !defined(__CUDA_ARCH__)
+// The k first entries of lp[0..n) in ranking order, by insertion into a sorted buffer (host).
+// Entries arrive in flat-index order, so an entry moves before a buffered one only when strictly
+// larger: equal values keep the lower index first, as ranks_before says.
+template <typename T>
+CK_INLINE void select_topk_insert(const T* lp, int n, int k, T* buf_v, int* buf_i) {
+  int cnt = 0;
+  for (int e = 0; e < n; ++e) {
+    const T x = lp[e];
+    if (cnt == k && !(x > buf_v[k - 1])) continue;
+    int pos = cnt < k ? cnt++ : k - 1;  // the last slot is dropped when the buffer is full
+    while (pos > 0 && x > buf_v[pos - 1]) {
+      buf_v[pos] = buf_v[pos - 1];
+      buf_i[pos] = buf_i[pos - 1];
+      --pos;
+    }
+    buf_v[pos] = x;
+    buf_i[pos] = e;
+  }
+}
+#endif
+
+// Outputs of problem p from a solved state (folds it). Solver: Sinkhorn (scalar) or SinkhornSimd;
+// lp: scratch of MAXP * MAXP.
+template <int MAXP, typename T, typename Solver>
+CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* lp) {
+  s.fold();
+  const int P = A.P, n = P * P;
+  T* out = A.out + p * A.kk;
+  if (A.select == kSelectCost) {
+    s.log_plan(lp);
+    T* pi = A.aux_pi + p * n;
+    T acc = 0;
+    for (int e = 0; e < n; ++e) {
+      const T w = ck_exp(lp[e]);
+      pi[e] = w;
+      acc += w * s.cost_at(e);
+    }
+    out[0] = T(1) - acc;
+    return;
+  }
+  int64_t* aux = A.aux_idx + p * A.kk;
+#if !defined(__CUDA_ARCH__)
+  if constexpr (requires(int* ip) { s.select_topk(1, ip); }) {  // SIMD solver (host)
+    int idx[MAXP * MAXP];
+    const bool sample = A.select == kSelectSample;
+    const int c = sample ? static_cast<int>(A.choice[p]) : 0;
+    s.select_topk(sample ? c + 1 : A.k, idx);
+    for (int r = sample ? c : 0, o = 0; r < (sample ? c + 1 : A.k); ++r, ++o) {
+      out[o] = T(1) - s.cost_at(idx[r]);
+      aux[o] = idx[r];
+    }
+    return;
+  }
+#endif
+  s.log_plan(lp);
+  if (A.select == kSelectSample) {
+    const int e = select_rank(lp, n, static_cast<int>(A.choice[p]));
+    out[0] = T(1) - s.cost_at(e);
+    aux[0] = e;
+    return;
+  }
+#if defined(__CUDA_ARCH__)
+  int prev_i = -1;
+  T prev_v = 0;
+  for (int r = 0; r < A.k; ++r) {  // one scan per rank, continuing after the previous entry
+    const int e = next_ranked(lp, n, prev_i, prev_v);
+    out[r] = T(1) - s.cost_at(e);
+    aux[r] = e;
+  }
+#else
+  T buf_v[MAXP * MAXP];
+  int buf_i[MAXP * MAXP];
+  select_topk_insert(lp, n, A.k, buf_v, buf_i);
+  for (int r = 0; r < A.k; ++r) {
+    out[r] = T(1) - s.cost_at(buf_i[r]);
+    aux[r] = buf_i[r];
+  }
+#endif
+}
+
+// The whole stop="problem" forward of problem p = b*M + m.
+template <int MAXP, typename T, typename Solver>
+CK_HOST_DEVICE void solve_problem(const FwdArgs<T>& A, int64_t p, Solver& s, T* lp) {
+  const int64_t b = p / A.M;
+  const int64_t PD = static_cast<int64_t>(A.P) * A.D;
+  s.setup(A.P, A.eps);
+  s.set_cost(A.query + b * PD, A.bank + A.index[p] * PD, A.D);
+  s.load_potentials(nullptr, nullptr);
+  s.solve(A.max_iter, A.tol);
+  write_outputs<MAXP>(A, p, s, lp);
+}
+
+}  // namespace ot
+}  // namespace concept_kernels
