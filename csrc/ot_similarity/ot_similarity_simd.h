@@ -105,13 +105,7 @@ inline V vexp(V x, float) {
   const V n = (t + 12582912.0f) - 12582912.0f;
   V r = x - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V y = (p * (r * r) + r) + 1.0f;
+  const V y = expf_poly(r);
   const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
   const V res = y * (V)e;
   return sel<V, VI>(under, V{}, res);
@@ -124,20 +118,7 @@ inline V vlog(V x, float) {
   const VI small = m < 0.707106781186547524f;
   const V fe = __builtin_convertvector(e + small, V);  // small lanes are -1: e - 1
   m = sel<V, VI>(small, m + m, m) - 1.0f;
-  const V z = m * m;
-  V y = splat<V>(7.0376836292e-2f);
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += fe * -2.12194440e-4f;
-  y += -0.5f * z;
-  return (m + y) + fe * 0.693359375f;
+  return logf_poly(m, fe);
 }
 template <typename V, typename VI>
 inline V vexp(V x, double) {
