@@ -58,6 +58,14 @@ def extensions():
     opt = ["-O0", "-g"] if debug else ["-O3", "-g0"]
     # c++20 as torch itself: with c++17 the torch 2.13 headers warn (bit-field initialisers)
     cxx = [*opt, "-std=c++20", "-fopenmp"]
+    # The extension is built where it runs (pip install -e . / make build), so the CPU kernels target
+    # this machine's ISA: GCC lowers its vector types (the SIMD of csrc/ot_similarity) to the ISA
+    # the translation unit is compiled for, and per-function target_clones come too late for that
+    # (the vectors were already split to SSE; measured 3x slower). CONCEPT_KERNELS_CPU_ARCH picks
+    # another -march (e.g. x86-64-v3 for a portable AVX2 build), or "" for the compiler default.
+    # fp-contract=fast: a*b+c as one FMA, as nvcc does by default.
+    cpu_arch = os.environ.get("CONCEPT_KERNELS_CPU_ARCH", "native")
+    cxx += [*([f"-march={cpu_arch}"] if cpu_arch else []), "-ffp-contract=fast"]
     # the limited API lets one _C.abi3.so serve every CPython >= 3.10; torch adds -DPy_LIMITED_API
     kwargs = dict(py_limited_api=True, extra_link_args=["-fopenmp"],
                   include_dirs=[os.path.join(ROOT, "csrc")])  # #include "common/checks.h"

@@ -4,10 +4,9 @@
 //   fwd(query, bank, index, choice, select, k, eps, max_iter, tol, stop) -> (out, aux)
 //   bwd(grad_out, query, bank, index, aux, select) -> grad_query
 //
-// SIMD: the hot loops run over fixed-size lane arrays (MAXP = 8 or 16 lanes) and 32-byte partial
-// sums, which g++ -O3 vectorises without -ffast-math. The workers are compiled twice
-// (target_clones: x86-64-v3 = AVX2 + FMA, and the baseline) and the loader picks one per machine;
-// `flatten` inlines the whole per-problem solver into each clone.
+// SIMD: float stop=problem (the hot path) runs one problem per SIMD lane (ot_similarity_lanes.h);
+// the other cases run one problem at a time over fixed-size lane arrays (ot_similarity_simd.h).
+// Both use GCC vector types, compiled for this machine's ISA (setup.py).
 //
 // Stopping rules: stop=problem runs each problem to its own stop. stop=row / all (one mean err per
 // group: the M problems of a row, or all B*M) run the group's problems in lockstep chunks of
@@ -15,6 +14,7 @@
 // first iteration whose group mean is < tol ends the group, whose problems are then re-run from
 // the chunk's start for exactly that many iterations (deterministic: same code, same state).
 #include "ot_similarity/ot_similarity_host.h"
+#include "ot_similarity/ot_similarity_lanes.h"
 #include "ot_similarity/ot_similarity_problem.h"
 #include "ot_similarity/ot_similarity_simd.h"
 
@@ -22,6 +22,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/mm.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -29,6 +30,7 @@
 #include <cstdlib>
 #include <cstdint>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #ifdef _OPENMP
@@ -40,15 +42,12 @@ namespace {
 
 using ot::FwdArgs;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CK_CPU_WORKER \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten, noinline))
-#else
+// Workers: the whole per-problem solver inlined into each (flatten). The SIMD width follows the ISA
+// the extension is compiled for (setup.py: -march=native by default).
 #define CK_CPU_WORKER __attribute__((flatten, noinline))
-#endif
 
 constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
-constexpr int64_t kBlock = 32;   // problems per OpenMP work item
+constexpr int64_t kBlock = 64;   // problems per OpenMP work item (4 lane groups)
 
 // ---- workers: one range of problems each (templates on the solver, instantiated below) -------
 // `order` lists the problems sorted by bank row (see problem_order), so that consecutive problems
@@ -62,15 +61,41 @@ inline void solve_range(const FwdArgs<T>& A, const int64_t* order, int64_t n0, i
   for (int64_t n = n0; n < n1; ++n) ot::solve_problem<ot::kMaxP>(A, order[n], s, lp);
 }
 
+// stop = problem, float: 16 problems at a time, one per SIMD lane (ot_similarity_lanes.h).
+template <int FIXP>
+inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int64_t n0, int64_t n1) {
+  using S = ot::SinkhornLanes<FIXP>;
+  S s;
+  s.setup(A.P, A.eps);
+  const int n = A.P * A.P;
+  float c[ot::kMaxP * ot::kMaxP];
+  for (int64_t g = n0; g < n1; g += S::NL) {
+    const int used = static_cast<int>(std::min<int64_t>(S::NL, n1 - g));
+    for (int l = 0; l < used; ++l) {
+      ot::problem_cost(A, order[g + l], c);
+      for (int e = 0; e < n; ++e) s.set_entry(l, e, c[e]);
+    }
+    s.start(used);
+    s.solve(A.max_iter, A.tol);
+    s.write_outputs(A, order + g, used);
+  }
+}
+CK_CPU_WORKER void solve_lanes_p9(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {
+  solve_lanes_range<9>(A, o, n0, n1);
+}
+CK_CPU_WORKER void solve_lanes_any(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {
+  solve_lanes_range<0>(A, o, n0, n1);
+}
+
 // Lockstep, start: cost matrices of problems order[n0 .. n1) into Cb (compact P x P each).
 template <typename S, typename T>
 inline void cost_range(const FwdArgs<T>& A, const int64_t* order, T* Cb, int64_t n0, int64_t n1) {
   S s;
-  const int64_t PD = static_cast<int64_t>(A.P) * A.D, PP = A.P * A.P;
+  const int64_t PP = A.P * A.P;
   s.setup(A.P, A.eps);
   for (int64_t n = n0; n < n1; ++n) {
     const int64_t p = order[n];
-    s.set_cost(A.query + (p / A.M) * PD, A.bank + A.index[p] * PD, A.D);
+    ot::set_problem_cost<ot::kMaxP>(A, p, s);
     s.store_cost(Cb + p * PP);
   }
 }
@@ -105,7 +130,7 @@ inline void final_range(const FwdArgs<T>& A, const T* Cb, const T* F, const T* G
   }
 }
 
-// Plain entry points per solver (target_clones needs non-template functions).
+// Plain entry points per solver.
 template <typename T>
 struct Workers {
   void (*solve)(const FwdArgs<T>&, const int64_t*, int64_t, int64_t);
@@ -155,6 +180,14 @@ const Workers<float>& workers_for(float, int P) {
   if (P == 9) return workers_f32_p9;
   return P <= 8 ? workers_f32_l8 : workers_f32_l16;
 }
+
+// The stop=problem solver: one problem per lane for float (the hot path), else per problem.
+using SolveFn = void (*)(const FwdArgs<float>&, const int64_t*, int64_t, int64_t);
+SolveFn lanes_solver(float, int P) {
+  if (use_scalar_solver()) return nullptr;
+  return P == 9 ? &solve_lanes_p9 : &solve_lanes_any;
+}
+std::nullptr_t lanes_solver(double, int) { return nullptr; }
 const Workers<double>& workers_for(double, int P) {
   if (use_scalar_solver()) return workers_f64_scalar;
   return P <= 8 ? workers_f64_l8 : workers_f64_l16;
@@ -250,10 +283,29 @@ void run_fwd(const FwdArgs<T>& A, int64_t bank_rows, int stop) {
   const Workers<T>& W = workers_for(T(), A.P);
   const std::vector<int64_t> order = problem_order(A.index, Q, bank_rows);
   if (stop == ot::kStopProblem) {
+    const auto lanes = lanes_solver(T(), A.P);
+    if constexpr (std::is_same_v<T, float>) {
+      if (lanes != nullptr) {
+        parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { lanes(A, order.data(), a, b); });
+        return;
+      }
+    }
     parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.solve(A, order.data(), a, b); });
   } else {
     solve_groups<T>(A, W, order, stop);
   }
+}
+
+// Every cost entry from one GEMM, sim (R*P, B*P) = bank (R*P, D) @ query (B*P, D)^T, when that is
+// little more work than the B*M*P*P dot products the problems need (R <= 2M: the bank is about as
+// large as the sets each query is matched with, as for the confusing-class negatives) and its buffer
+// is moderate; else an undefined tensor (the problems then take dot products in place). A tuned GEMM
+// runs several times faster than per-problem dot products, which dominated the forward.
+at::Tensor cost_gemm(const at::Tensor& query, const at::Tensor& bank, const ot_host::Shape& sh) {
+  constexpr int64_t kMaxSimElements = int64_t(1) << 26;
+  const int64_t R = bank.size(0);
+  if (R > 2 * sh.M || R * sh.P * sh.B * sh.P > kMaxSimElements) return {};
+  return at::mm(bank.view({R * sh.P, sh.D}), query.view({sh.B * sh.P, sh.D}).t());
 }
 
 std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query, const at::Tensor& bank,
@@ -266,8 +318,10 @@ std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query
   std::tie(out, aux) = ot_host::alloc_fwd_outputs(query, index, sh, select);
   if (sh.B * sh.M == 0) return {out, aux};
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_fwd_cpu", [&] {
-    const FwdArgs<scalar_t> A =
+    FwdArgs<scalar_t> A =
         ot_host::make_fwd_args<scalar_t>(query, bank, index, choice, out, aux, sh, select, k, eps, max_iter, tol);
+    const at::Tensor sim = cost_gemm(query, bank, sh);
+    if (sim.defined()) A.sim = sim.data_ptr<scalar_t>();
     run_fwd<scalar_t>(A, bank.size(0), static_cast<int>(stop));
   });
   return {out, aux};

@@ -132,6 +132,7 @@ ot::FwdArgs<T> make_fwd_args(const at::Tensor& query, const at::Tensor& bank, co
   A.bank = bank.data_ptr<T>();
   A.index = index.data_ptr<int64_t>();
   A.choice = select == ot::kSelectSample ? choice.data_ptr<int64_t>() : nullptr;
+  A.sim = nullptr;
   A.out = out.data_ptr<T>();
   A.aux_idx = select == ot::kSelectCost ? nullptr : aux.data_ptr<int64_t>();
   A.aux_pi = select == ot::kSelectCost ? aux.data_ptr<T>() : nullptr;

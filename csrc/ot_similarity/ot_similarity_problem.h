@@ -153,6 +153,9 @@ struct FwdArgs {
   T* out;                 // (B, M, kk)
   int64_t* aux_idx;       // (B, M, kk) flat plan indices (sample, topk)
   T* aux_pi;              // (B, M, P, P) final plan (cost)
+  // optional: the similarities of every bank patch with every query patch, sim (R * P, B * P) =
+  // bank (R*P, D) @ query (B*P, D)^T from one GEMM; nullptr -> dot products per problem
+  const T* sim;
   int64_t B, M;
   int P, D, select, k, kk, max_iter;
   T eps, tol;
@@ -521,13 +524,46 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
 #endif
 }
 
+// The compact cost matrix c[i*P + j] = C_ij = 1 - <query[b, i], bank[index[p], j]> of problem
+// p = b*M + m: read from A.sim when the GEMM computed it (sim row r*P + j holds column j of C for
+// every query patch), else dot products in place.
+template <typename T>
+CK_HOST_DEVICE void problem_cost(const FwdArgs<T>& A, int64_t p, T* c) {
+  const int64_t b = p / A.M, r = A.index[p];
+  const int P = A.P;
+  if (A.sim != nullptr) {
+    const int64_t ld = A.B * P;
+    for (int j = 0; j < P; ++j) {
+      const T* col = A.sim + (r * P + j) * ld + b * P;
+      for (int i = 0; i < P; ++i) c[i * P + j] = T(1) - col[i];
+    }
+    return;
+  }
+  const T* x = A.query + b * P * A.D;
+  const T* y = A.bank + r * P * A.D;
+  for (int i = 0; i < P; ++i)
+    for (int j = 0; j < P; ++j) c[i * P + j] = T(1) - dot(x + i * A.D, y + j * A.D, A.D);
+}
+
+// The cost of problem p into a set-up per-problem solver (its own tiled dot products when there is
+// no GEMM result).
+template <int MAXP, typename T, typename Solver>
+CK_HOST_DEVICE void set_problem_cost(const FwdArgs<T>& A, int64_t p, Solver& s) {
+  if (A.sim == nullptr) {
+    const int64_t PD = static_cast<int64_t>(A.P) * A.D;
+    s.set_cost(A.query + (p / A.M) * PD, A.bank + A.index[p] * PD, A.D);
+    return;
+  }
+  T c[MAXP * MAXP];
+  problem_cost(A, p, c);
+  s.load_cost(c);
+}
+
 // The whole stop="problem" forward of problem p = b*M + m.
 template <int MAXP, typename T, typename Solver>
 CK_HOST_DEVICE void solve_problem(const FwdArgs<T>& A, int64_t p, Solver& s, T* lp) {
-  const int64_t b = p / A.M;
-  const int64_t PD = static_cast<int64_t>(A.P) * A.D;
   s.setup(A.P, A.eps);
-  s.set_cost(A.query + b * PD, A.bank + A.index[p] * PD, A.D);
+  set_problem_cost<MAXP>(A, p, s);
   s.load_potentials(nullptr, nullptr);
   s.solve(A.max_iter, A.tol);
   write_outputs<MAXP>(A, p, s, lp);

@@ -23,7 +23,7 @@
 #include <cstring>
 
 // Vectors wider than the baseline ISA are passed in memory between non-inlined functions; every
-// function here is inlined into the target_clones workers, so the ABI note does not apply.
+// function here is inlined into the workers (flatten), so the ABI note does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 

@@ -1,0 +1,335 @@
+// Lane form (host only, float) of the per-problem Sinkhorn of ot_similarity_problem.h: NL problems
+// at once, ONE PROBLEM PER SIMD LANE (NL = 16 with AVX-512, else 8: one register either way). Entry
+// (i, j) of the NL cost matrices is one vector,
+// so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal reductions, and
+// the exp/log work of the rare log-domain steps runs on full vectors. Same math, update for update,
+// as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
+// lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
+// log-domain path for that lane only (computed for the vector, blended into the lanes that need
+// it). Stopping is per lane (stop="problem"): a lane freezes after the iteration whose err < tol;
+// the group runs until its last lane stops or max_iter. Sums run in the same order as the scalar
+// form (one chain over j, or i), so the lane and scalar forms agree to rounding of exp/log only.
+//
+// Used by the CPU launcher for float inputs with stop="problem" (its hot path); row/all lockstep and
+// double inputs keep the per-problem forms.
+#pragma once
+
+#if defined(__CUDACC__)
+#error "ot_similarity_lanes.h is host-only (GCC vector extensions)"
+#endif
+
+#include "ot_similarity/ot_similarity_problem.h"
+#include "ot_similarity/ot_similarity_simd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+
+namespace concept_kernels {
+namespace ot {
+
+// FIXP > 0: P known at compile time (the launcher specialises P = 9); FIXP = 0: runtime P.
+template <int FIXP = 0>
+struct SinkhornLanes {
+  // 8 problems per group: one ymm register with AVX2 / AVX-512VL (two xmm on the x86-64 baseline).
+  // 16 lanes in zmm registers measured 2x slower on the AMD EPYC (Zen 4) development machine: same
+  // FLOP rate (512-bit ops are double-pumped), and a 16-problem group waits for its slowest problem
+  // longer (mean of the per-group max iterations 42 vs 38 at 24 mean). CK_OT_LANES overrides.
+#if defined(CK_OT_LANES)
+  static constexpr int NL = CK_OT_LANES;
+#else
+  static constexpr int NL = 8;
+#endif
+  static constexpr int CAP = FIXP > 0 ? FIXP : kMaxP;       // rows/columns capacity
+  using V = typename Vec<float, NL>::type;
+  using VI = typename Vec<float, NL>::itype;
+  using Lim = Limits<float>;
+
+  int P;
+  float eps, inv_eps, a, log_a;
+  V C[CAP * CAP], K[CAP * CAP];  // entry (i, j) of every lane's cost / kernel
+  V f0[CAP], g0[CAP], u[CAP], v[CAP];  // f = f0 + eps log u, g = g0 + eps log v
+  VI kvalid;  // lanes whose K matches (f0, g0)
+  VI live;    // lanes still iterating
+
+  int np() const { return FIXP > 0 ? FIXP : P; }
+  static V ex(V x) { return vexp<V, VI>(x, 0.0f); }
+  static V lg(V x) { return vlog<V, VI>(x, 0.0f); }
+  // (the lane vector is one hardware register, so ?: is one blend instruction)
+  static V vabs(V x) { return x < 0 ? -x : x; }
+  static V vmin(V x, V y) { return x < y ? x : y; }
+  static V vmax(V x, V y) { return x > y ? x : y; }
+  static bool any(VI m) {
+    for (int l = 0; l < NL; ++l)
+      if (m[l]) return true;
+    return false;
+  }
+  static V blend(VI m, V x, V old) { return m ? x : old; }
+  // A sum of a half step in the lanes: safe &= within [kSumLo, kSumHi] (the multiplicative update
+  // is exact there), small &= within [a/tau, a tau] (its scaling a/sum stays in [1/tau, tau]).
+  // NaN fails both.
+  // (Bounds as vectors: GCC scalarises a vector-to-scalar comparison here, lane by lane.)
+  void range_masks(V sum, VI& safe, VI& small) const {
+    const V sum_lo = V{} + Lim::kSumLo, sum_hi = V{} + Lim::kSumHi;
+    const V s_lo = V{} + a / Lim::kTau, s_hi = V{} + a * Lim::kTau;
+    safe &= (sum >= sum_lo) & (sum <= sum_hi);
+    small &= (sum >= s_lo) & (sum <= s_hi);
+  }
+
+  void setup(int P_, float eps_) {
+    P = P_;
+    eps = eps_;
+    inv_eps = 1.0f / eps_;
+    a = 1.0f / static_cast<float>(P_);
+    log_a = -ck_log(static_cast<float>(P_));
+  }
+
+  // Lanes [0, used) hold problems whose compact costs the caller wrote with set_entry; the other
+  // lanes are idle (they repeat lane 0 so that no lane computes on garbage, and never iterate).
+  void set_entry(int lane, int e, float c) { C[e][lane] = c; }
+  void start(int used) {
+    const int n = np() * np();
+    for (int l = used; l < NL; ++l)
+      for (int e = 0; e < n; ++e) C[e][l] = C[e][0];
+    for (int l = 0; l < NL; ++l) live[l] = l < used ? -1 : 0;
+    for (int i = 0; i < np(); ++i) f0[i] = g0[i] = V{}, u[i] = v[i] = V{} + 1.0f;
+    kvalid = VI{};
+  }
+
+  // f_i = eps (log a - LSE_j((g0_j - C_ij)/eps)) for every lane, with max-subtraction.
+  void c_transform_rows(const V* g, V* out) const {
+    const int p = np();
+    for (int i = 0; i < p; ++i) {
+      V mx = V{} - INFINITY;
+      for (int j = 0; j < p; ++j) mx = vmax((g[j] - C[i * p + j]) * inv_eps, mx);
+      V sum{};
+      for (int j = 0; j < p; ++j) sum += ex((g[j] - C[i * p + j]) * inv_eps - mx);
+      out[i] = eps * (log_a - (mx + lg(sum)));
+    }
+  }
+  void c_transform_cols(const V* f, V* out) const {
+    const int p = np();
+    for (int j = 0; j < p; ++j) {
+      V mx = V{} - INFINITY;
+      for (int i = 0; i < p; ++i) mx = vmax((f[i] - C[i * p + j]) * inv_eps, mx);
+      V sum{};
+      for (int i = 0; i < p; ++i) sum += ex((f[i] - C[i * p + j]) * inv_eps - mx);
+      out[j] = eps * (log_a - (mx + lg(sum)));
+    }
+  }
+
+  void rebuild_kernel(VI m) {
+    const int p = np();
+    for (int i = 0; i < p; ++i)
+      for (int j = 0; j < p; ++j) K[i * p + j] = blend(m, ex(((f0[i] + g0[j]) - C[i * p + j]) * inv_eps), K[i * p + j]);
+    kvalid |= m;
+  }
+
+  // The f half step of the live lanes; returns the lanes that stop (err < tol).
+  //
+  // err = eps sum_i |log r_i| with r_i = u_i'/u_i = a/(s_i u_i), the change of f_i over eps. The
+  // exact err needs P logs per iteration; the bracket 1 - min(r, 1/r) <= |log r| <= max(r, 1/r) - 1
+  // needs none and decides almost every lane (the err of a running problem is far above tol, of a
+  // converged one far below), so logs are taken only for the lanes the bracket leaves open (within
+  // the rounding margin of the sums). The decision is the exact err's, not an approximation.
+  VI f_step(float tol) {
+    const int p = np();
+    V s[CAP];
+    VI safe = live & kvalid, small = safe;
+    for (int i = 0; i < p; ++i) {
+      V acc{};
+      for (int j = 0; j < p; ++j) acc += K[i * p + j] * v[j];
+      s[i] = acc;
+      range_masks(acc, safe, small);
+    }
+    // multiplicative where the kernel is valid and the sums are safe, kept as scalings while they
+    // stay within [1/tau, tau], else absorbed into f0
+    const VI mult = safe, keep = small & safe, absorb = mult & ~keep;
+    V r[CAP], un[CAP], sum_min{}, sum_max{};
+    const V fp = V{} + static_cast<float>(p);
+    for (int i = 0; i < p; ++i) {
+      const V q = s[i] * u[i];
+      r[i] = a / q;
+      un[i] = r[i] * u[i];  // = a / s_i (one division per entry instead of two)
+      const V r_inv = q * fp;
+      sum_min += vmin(r[i], r_inv);
+      sum_max += vmax(r[i], r_inv);
+    }
+    const V margin = V{} + eps * static_cast<float>(p) * 4e-7f, tolv = V{} + tol;
+    const V err_lo = eps * (fp - sum_min), err_hi = eps * (sum_max - fp);
+    VI stop = err_hi + margin < tolv;
+    const VI open = mult & ~stop & ~(err_lo - margin >= tolv);
+    if (any(open)) {
+      V err{};
+      for (int i = 0; i < p; ++i) err += vabs(lg(r[i]));
+      stop = sel<VI, VI>(open, eps * err < tolv, stop);
+    }
+    stop &= mult;
+    const bool any_absorb = any(absorb);
+    for (int i = 0; i < p; ++i) {
+      u[i] = blend(keep, un[i], u[i]);
+      if (any_absorb) {
+        f0[i] = blend(absorb, f0[i] + eps * lg(un[i]), f0[i]);
+        u[i] = blend(absorb, V{} + 1.0f, u[i]);
+      }
+    }
+    kvalid &= ~absorb;
+    const VI logm = live & ~mult;
+    if (any(logm)) stop = sel<VI, VI>(logm, f_step_log(logm) < tolv, stop);
+    return stop;
+  }
+
+  // The log-domain f half step of the lanes m (g's scalings folded first); returns err.
+  V f_step_log(VI m) {
+    const int p = np();
+    V fn[CAP];
+    for (int j = 0; j < p; ++j) {
+      g0[j] = blend(m, g0[j] + eps * lg(v[j]), g0[j]);
+      v[j] = blend(m, V{} + 1.0f, v[j]);
+    }
+    c_transform_rows(g0, fn);
+    V err{};
+    for (int i = 0; i < p; ++i) {
+      err += vabs(fn[i] - (f0[i] + eps * lg(u[i])));
+      f0[i] = blend(m, fn[i], f0[i]);
+      u[i] = blend(m, V{} + 1.0f, u[i]);
+    }
+    kvalid &= ~m;
+    return err;
+  }
+
+  void g_step() {
+    const int p = np();
+    const VI stale = live & ~kvalid;
+    if (any(stale)) rebuild_kernel(stale);
+    V t[CAP];
+    VI safe = live, small = live;
+    for (int j = 0; j < p; ++j) {
+      V acc{};
+      for (int i = 0; i < p; ++i) acc += K[i * p + j] * u[i];
+      t[j] = acc;
+      range_masks(acc, safe, small);
+    }
+    const VI mult = safe, keep = small & safe, absorb = mult & ~keep;
+    for (int j = 0; j < p; ++j) {
+      const V vn = a / t[j];
+      v[j] = blend(keep, vn, v[j]);
+      if (any(absorb)) {
+        g0[j] = blend(absorb, g0[j] + eps * lg(vn), g0[j]);
+        v[j] = blend(absorb, V{} + 1.0f, v[j]);
+      }
+    }
+    kvalid &= ~absorb;
+    const VI logm = live & ~mult;
+    if (any(logm)) g_step_log(logm);
+  }
+
+  void g_step_log(VI m) {
+    const int p = np();
+    V gn[CAP];
+    for (int i = 0; i < p; ++i) {
+      f0[i] = blend(m, f0[i] + eps * lg(u[i]), f0[i]);
+      u[i] = blend(m, V{} + 1.0f, u[i]);
+    }
+    c_transform_cols(f0, gn);
+    for (int j = 0; j < p; ++j) {
+      g0[j] = blend(m, gn[j], g0[j]);
+      v[j] = blend(m, V{} + 1.0f, v[j]);
+    }
+    kvalid &= ~m;
+  }
+
+  // Iterate the live lanes to their own stop (err < tol after an iteration) or max_iter.
+  void solve(int max_iter, float tol) {
+    for (int it = 0; it < max_iter && any(live); ++it) {
+      const VI stop = f_step(tol);
+      g_step();
+      live &= ~stop;
+    }
+  }
+
+  // Fold the scalings into the potentials and write lp[e] = log pi_e = (f_i + g_j - C_ij)/eps.
+  void log_plan(V* lp) {
+    const int p = np();
+    for (int i = 0; i < p; ++i) {
+      f0[i] = f0[i] + eps * lg(u[i]);
+      g0[i] = g0[i] + eps * lg(v[i]);
+    }
+    for (int i = 0; i < p; ++i)
+      for (int j = 0; j < p; ++j) lp[i * p + j] = ((f0[i] + g0[j]) - C[i * p + j]) / eps;
+  }
+
+  // rank[r] (lanes) = flat index of the r-th largest entry of lp, r < k (ties: lowest flat index,
+  // the contract's order): k arg-max passes, each dropping the previous pass's winner. Each pass
+  // runs kChains independent compare chains (entries e = c mod kChains) merged at the end, so it is
+  // not one serial dependency chain of P*P compares. lp is consumed. NaN entries never win; a lane
+  // of NaN reports entry 0.
+  void ranked(V* lp, int k, VI* rank) const {
+    constexpr int kChains = 4;
+    const int n = np() * np();
+    VI prev = VI{} - 1;
+    for (int r = 0; r < k; ++r) {
+      V best[kChains];
+      VI arg[kChains];
+      for (int c = 0; c < kChains; ++c) best[c] = V{} - INFINITY, arg[c] = VI{} + n;
+      for (int e0 = 0; e0 < n; e0 += kChains)
+        for (int c = 0; c < kChains && e0 + c < n; ++c) {
+          const int e = e0 + c;
+          const V x = prev == e ? V{} - INFINITY : lp[e];
+          lp[e] = x;
+          const VI better = x > best[c];
+          best[c] = better ? x : best[c];
+          arg[c] = better ? VI{} + e : arg[c];
+        }
+      for (int c = 1; c < kChains; ++c) {  // merge: larger value, or equal value and lower index
+        const VI better = (best[c] > best[0]) | ((best[c] == best[0]) & (arg[c] < arg[0]));
+        best[0] = better ? best[c] : best[0];
+        arg[0] = better ? arg[c] : arg[0];
+      }
+      rank[r] = arg[0] < n ? arg[0] : VI{};  // no entry beat -inf: NaN lane
+      prev = rank[r];
+    }
+  }
+
+  // Outputs of the solved lanes [0, used), lane l holding problem probs[l] (see write_outputs of
+  // ot_similarity_problem.h for the per-problem form). Consumes the state.
+  void write_outputs(const FwdArgs<float>& A, const int64_t* probs, int used) {
+    const int n = np() * np();
+    V lp[CAP * CAP];
+    log_plan(lp);
+    if (A.select == kSelectCost) {
+      V acc{};
+      for (int e = 0; e < n; ++e) {
+        const V w = ex(lp[e]);
+        lp[e] = w;
+        acc += w * C[e];
+      }
+      for (int l = 0; l < used; ++l) {
+        const int64_t p = probs[l];
+        for (int e = 0; e < n; ++e) A.aux_pi[p * n + e] = lp[e][l];
+        A.out[p] = 1.0f - acc[l];
+      }
+      return;
+    }
+    const bool sample = A.select == kSelectSample;
+    int k = A.k;
+    if (sample) {
+      k = 1;
+      for (int l = 0; l < used; ++l) k = std::max(k, static_cast<int>(A.choice[probs[l]]) + 1);
+    }
+    VI rank[CAP * CAP];
+    ranked(lp, k, rank);
+    for (int l = 0; l < used; ++l) {
+      const int64_t p = probs[l];
+      const int r0 = sample ? static_cast<int>(A.choice[p]) : 0, r1 = sample ? r0 + 1 : k;
+      for (int r = r0, o = 0; r < r1; ++r, ++o) {
+        const int e = rank[r][l];
+        A.out[p * A.kk + o] = 1.0f - C[e][l];
+        A.aux_idx[p * A.kk + o] = e;
+      }
+    }
+  }
+};
+
+}  // namespace ot
+}  // namespace concept_kernels
