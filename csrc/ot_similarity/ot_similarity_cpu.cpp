@@ -71,6 +71,17 @@ inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int
   float c[ot::kMaxP * ot::kMaxP];
   for (int64_t g = n0; g < n1; g += S::NL) {
     const int used = static_cast<int>(std::min<int64_t>(S::NL, n1 - g));
+    // the problems come in bank-row order: their index, outputs and GEMM columns are scattered
+    for (int64_t n = g + 2 * S::NL; n < std::min(n1, g + 3 * S::NL); ++n) __builtin_prefetch(A.index + order[n]);
+    for (int64_t n = g + S::NL; n < std::min(n1, g + 2 * S::NL); ++n) {
+      const int64_t p = order[n];
+      __builtin_prefetch(A.out + p * A.kk, 1);
+      if (A.aux_idx != nullptr) __builtin_prefetch(A.aux_idx + p * A.kk, 1);
+      if (A.sim != nullptr) {  // its P columns of the GEMM result (P rows, one line each)
+        const float* col = A.sim + A.index[p] * A.P * (A.B * A.P) + (p / A.M) * A.P;
+        for (int j = 0; j < A.P; ++j) __builtin_prefetch(col + j * A.B * A.P);
+      }
+    }
     for (int l = 0; l < used; ++l) {
       ot::problem_cost(A, order[g + l], c);
       for (int e = 0; e < n; ++e) s.set_entry(l, e, c[e]);
@@ -335,27 +346,40 @@ struct BwdArgs : ot_host::BwdPtrs<T> {  // go, bank, index, aux_idx, aux_pi, gq
   int32_t row_of[ot::kMaxP * ot::kMaxP], col_of[ot::kMaxP * ot::kMaxP];  // flat e -> (i, j)
 };
 
-constexpr int64_t kPrefetch = 16;  // problems ahead
+constexpr int64_t kAhead = 24;  // problems ahead whose bank row is prefetched (about 3 rows)
 
-// One work item: rows b0..b1 of grad_query, columns d0..d1.
+// Prefetch the columns [d0, d1) of every patch of bank row r (the next rows' slices are not in
+// any cache: the bank is larger than L2 and walked once per slice).
 template <typename T>
-inline void bwd_item(const BwdArgs<T>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+inline void prefetch_row_slice(const BwdArgs<T>& A, int64_t r, int64_t d0, int64_t d1) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  const T* y = A.bank + r * A.P * A.D;
+  for (int64_t j = 0; j < A.P; ++j)
+    for (int64_t d = d0; d < d1; d += kLine) __builtin_prefetch(y + j * A.D + d);
+}
+
+// One work item: columns [d0, d1) of grad_query, from every problem in bank-row order.
+template <typename T>
+inline void bwd_slice(const BwdArgs<T>& A, int64_t d0, int64_t d1) {
   const int64_t P = A.P, D = A.D, Q = A.B * A.M;
+  int64_t fetched = -1;
   for (int64_t n = 0; n < Q; ++n) {
-    if (n + kPrefetch < Q) {  // the problems come in bank-row order: their aux / grad rows are scattered
-      const int64_t pf = A.order[n + kPrefetch];
+    if (n + kAhead < Q) {
+      const int64_t r_ahead = A.index[A.order[n + kAhead]];
+      if (r_ahead != fetched) prefetch_row_slice(A, fetched = r_ahead, d0, d1);
+    }
+    if (n + 2 * kAhead < Q) {  // the problems come in bank-row order: their own data is scattered
+      const int64_t pf = A.order[n + 2 * kAhead];
       __builtin_prefetch(A.index + pf);
-      if (A.select == ot::kSelectCost) {
-        __builtin_prefetch(A.go + pf);
-      } else {
+      if (A.select != ot::kSelectCost) {
         __builtin_prefetch(A.aux_idx + pf * A.kk);
         __builtin_prefetch(A.go + pf * A.kk);
+      } else {
+        __builtin_prefetch(A.go + pf);
       }
     }
-    const int64_t b = A.order_b[n];
-    if (b < b0 || b >= b1) continue;
     const int64_t p = A.order[n];
-    T* g = A.gq + b * P * D;
+    T* g = A.gq + A.order_b[n] * P * D;
     const T* Y = A.bank + A.index[p] * P * D;
     if (A.select == ot::kSelectCost) {
       const T w = A.go[p];
@@ -378,44 +402,33 @@ inline void bwd_item(const BwdArgs<T>& A, int64_t b0, int64_t b1, int64_t d0, in
     }
   }
 }
-CK_CPU_WORKER void bwd_item_f32(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_item(A, b0, b1, d0, d1);
-}
-CK_CPU_WORKER void bwd_item_f64(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_item(A, b0, b1, d0, d1);
-}
-inline void bwd_item_any(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_item_f32(A, b0, b1, d0, d1);
-}
-inline void bwd_item_any(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_item_f64(A, b0, b1, d0, d1);
-}
+CK_CPU_WORKER void bwd_slice_f32(const BwdArgs<float>& A, int64_t d0, int64_t d1) { bwd_slice(A, d0, d1); }
+CK_CPU_WORKER void bwd_slice_f64(const BwdArgs<double>& A, int64_t d0, int64_t d1) { bwd_slice(A, d0, d1); }
+inline void bwd_slice_any(const BwdArgs<float>& A, int64_t d0, int64_t d1) { bwd_slice_f32(A, d0, d1); }
+inline void bwd_slice_any(const BwdArgs<double>& A, int64_t d0, int64_t d1) { bwd_slice_f64(A, d0, d1); }
 
 // grad_query[b, i, :] = sum over the problems p of row b, in bank-row order (problem_order), of the
-// selected entries' grad_out x bank rows. Work items are (block of b, slice of D): each output
-// element has one owner and its summation order is "the problems of its row b in bank-row order,
-// then the selected entries (or j) ascending" whatever the blocking and the thread count, so the
-// result is bitwise reproducible; walking the problems in bank-row order reads each bank row
-// about once for all b (no atomics, no per-thread partial sums).
+// selected entries' grad_out x bank rows. Work items are slices of D, one per thread (multiples of
+// a cache line): each output element has one owner and its summation order is "the problems of its
+// row b in bank-row order, then the selected entries (or j) ascending" whatever the slicing and the
+// thread count, so the result is bitwise reproducible (no atomics, no per-thread partial sums).
+// Walking the problems in bank-row order streams the bank once per slice (prefetched a few rows
+// ahead); the grad_query slice (B*P rows) stays in cache. (Slices narrower than one per thread
+// measured slower: the per-entry work repeats per slice.)
 template <typename T>
 void run_bwd(const BwdArgs<T>& A) {
-  constexpr int64_t kSlice = 64;
-  const int64_t n_slices = (A.D + kSlice - 1) / kSlice;
+  constexpr int64_t kAlign = 64 / sizeof(T);
 #ifdef _OPENMP
   const int64_t threads = omp_get_max_threads();
 #else
   const int64_t threads = 1;
 #endif
-  // as few b-blocks as keep the threads busy: a block walks all its problems in bank-row order, so
-  // one block over every b reads each bank row once for the whole batch
-  const int64_t n_bblocks = std::min<int64_t>(A.B, std::max<int64_t>(1, (threads + n_slices - 1) / n_slices));
-  const int64_t bsize = (A.B + n_bblocks - 1) / n_bblocks;
-  const int64_t n_items = n_bblocks * n_slices;
-#pragma omp parallel for schedule(dynamic, 1) if (n_items > 1)
-  for (int64_t item = 0; item < n_items; ++item) {
-    const int64_t b0 = (item / n_slices) * bsize, d0 = (item % n_slices) * kSlice;
-    bwd_item_any(A, b0, std::min(A.B, b0 + bsize), d0, std::min(A.D, d0 + kSlice));
-  }
+  const int64_t per = (A.D + threads - 1) / threads;
+  const int64_t slice = std::max<int64_t>(kAlign, (per + kAlign - 1) / kAlign * kAlign);
+  const int64_t n_items = (A.D + slice - 1) / slice;
+#pragma omp parallel for schedule(static, 1) if (n_items > 1)
+  for (int64_t item = 0; item < n_items; ++item)
+    bwd_slice_any(A, item * slice, std::min(A.D, (item + 1) * slice));
 }
 
 at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
