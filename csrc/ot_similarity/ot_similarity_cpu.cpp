@@ -19,6 +19,7 @@
 #include "ot_similarity/ot_similarity_simd.h"
 
 #include "common/checks.h"
+#include "common/row_gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -78,8 +79,8 @@ inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int
       __builtin_prefetch(A.out + p * A.kk, 1);
       if (A.aux_idx != nullptr) __builtin_prefetch(A.aux_idx + p * A.kk, 1);
       if (A.sim != nullptr) {  // its P columns of the GEMM result (P rows, one line each)
-        const float* col = A.sim + A.index[p] * A.P * (A.B * A.P) + (p / A.M) * A.P;
-        for (int j = 0; j < A.P; ++j) __builtin_prefetch(col + j * A.B * A.P);
+        const float* col = A.sim + (A.index[p] - A.sim_r0) * A.P * A.sim_ld + (p / A.M) * A.P;
+        for (int j = 0; j < A.P; ++j) __builtin_prefetch(col + j * A.sim_ld);
       }
     }
     for (int l = 0; l < used; ++l) {
@@ -205,19 +206,25 @@ const Workers<double>& workers_for(double, int P) {
 }
 
 // Problems sorted by bank row (stable: p ascending within a row): counting sort when the bank is
-// not much larger than the number of problems, else a stable sort.
-std::vector<int64_t> problem_order(const int64_t* index, int64_t Q, int64_t R) {
-  std::vector<int64_t> order(Q);
+// not much larger than the number of problems (then start[r] .. start[r + 1] are the positions of
+// row r's problems), else a stable sort (start empty).
+struct RowOrder {
+  std::vector<int64_t> order, start;
+};
+RowOrder problem_order(const int64_t* index, int64_t Q, int64_t R) {
+  RowOrder ro;
+  ro.order.resize(Q);
   if (R <= 4 * Q + 1024) {
-    std::vector<int64_t> start(R + 1, 0);
-    for (int64_t p = 0; p < Q; ++p) ++start[index[p] + 1];
-    for (int64_t r = 0; r < R; ++r) start[r + 1] += start[r];
-    for (int64_t p = 0; p < Q; ++p) order[start[index[p]]++] = p;
+    ro.start.assign(R + 1, 0);
+    for (int64_t p = 0; p < Q; ++p) ++ro.start[index[p] + 1];
+    for (int64_t r = 0; r < R; ++r) ro.start[r + 1] += ro.start[r];
+    std::vector<int64_t> next(ro.start.begin(), ro.start.end() - 1);
+    for (int64_t p = 0; p < Q; ++p) ro.order[next[index[p]]++] = p;
   } else {
-    for (int64_t p = 0; p < Q; ++p) order[p] = p;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return index[x] < index[y]; });
+    for (int64_t p = 0; p < Q; ++p) ro.order[p] = p;
+    std::stable_sort(ro.order.begin(), ro.order.end(), [&](int64_t x, int64_t y) { return index[x] < index[y]; });
   }
-  return order;
+  return ro;
 }
 
 // Work items [n0, n1) of at most kBlock problems covering the given ranges.
@@ -288,35 +295,65 @@ void solve_groups(const FwdArgs<T>& A, const Workers<T>& W, const std::vector<in
                   [&](int64_t a, int64_t b) { W.final(A, Cb.data(), F.data(), G.data(), a, b); });
 }
 
-template <typename T>
-void run_fwd(const FwdArgs<T>& A, int64_t bank_rows, int stop) {
-  const int64_t Q = A.B * A.M;
-  const Workers<T>& W = workers_for(T(), A.P);
-  const std::vector<int64_t> order = problem_order(A.index, Q, bank_rows);
-  if (stop == ot::kStopProblem) {
-    const auto lanes = lanes_solver(T(), A.P);
-    if constexpr (std::is_same_v<T, float>) {
-      if (lanes != nullptr) {
-        parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { lanes(A, order.data(), a, b); });
-        return;
-      }
-    }
-    parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.solve(A, order.data(), a, b); });
-  } else {
-    solve_groups<T>(A, W, order, stop);
+// stop = problem, float, costs from a GEMM: work items are chunks of consecutive bank rows (about
+// kChunkProblems problems each, in bank-row order). Each computes its rows' similarities with every
+// query patch (row_gemm, into a buffer that stays in cache) and solves their problems at once from
+// it: the GEMM's result never goes to memory and the cost reads hit cache.
+void solve_fused(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, SolveFn lanes) {
+  constexpr int64_t kChunkProblems = 256, kMaxChunkFloats = 1 << 16;
+  const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = (BP + 7) / 8 * 8;
+  std::vector<float> qt(D * ldb);
+  row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data());
+  const int64_t max_rows = std::max<int64_t>(1, kMaxChunkFloats / (P * ldb));
+  std::vector<std::pair<int64_t, int64_t>> chunks;  // bank rows [r0, r1)
+  for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+    r1 = r0 + 1;
+    while (r1 < R && r1 - r0 < max_rows && ro.start[r1] - ro.start[r0] < kChunkProblems) ++r1;
+    if (ro.start[r1] > ro.start[r0]) chunks.emplace_back(r0, r1);
   }
+  parallel_blocks(chunks, [&](int64_t r0, int64_t r1) {
+    std::vector<float> sim((r1 - r0) * P * ldb);
+    row_gemm::multiply(A.bank + r0 * P * D, (r1 - r0) * P, D, qt.data(), ldb, sim.data());
+    FwdArgs<float> C = A;
+    C.sim = sim.data();
+    C.sim_r0 = r0;
+    C.sim_ld = ldb;
+    lanes(C, ro.order.data(), ro.start[r0], ro.start[r1]);
+  });
 }
 
-// Every cost entry from one GEMM, sim (R*P, B*P) = bank (R*P, D) @ query (B*P, D)^T, when that is
+// The forward of every problem. Costs: when a GEMM of every bank patch with every query patch is
 // little more work than the B*M*P*P dot products the problems need (R <= 2M: the bank is about as
-// large as the sets each query is matched with, as for the confusing-class negatives) and its buffer
-// is moderate; else an undefined tensor (the problems then take dot products in place). A tuned GEMM
-// runs several times faster than per-problem dot products, which dominated the forward.
-at::Tensor cost_gemm(const at::Tensor& query, const at::Tensor& bank, const ot_host::Shape& sh) {
+// large as the sets each query is matched with, as for the confusing-class negatives), from a GEMM
+// (fused per chunk of bank rows on the float stop=problem path, else one at::mm when its buffer is
+// moderate); else dot products in place. A GEMM runs several times faster than per-problem dot
+// products, which dominated the forward.
+template <typename T>
+void run_fwd(FwdArgs<T> A, const at::Tensor& query, const at::Tensor& bank, int stop) {
   constexpr int64_t kMaxSimElements = int64_t(1) << 26;
-  const int64_t R = bank.size(0);
-  if (R > 2 * sh.M || R * sh.P * sh.B * sh.P > kMaxSimElements) return {};
-  return at::mm(bank.view({R * sh.P, sh.D}), query.view({sh.B * sh.P, sh.D}).t());
+  const int64_t Q = A.B * A.M, R = bank.size(0);
+  const bool dense = R <= 2 * A.M;
+  const Workers<T>& W = workers_for(T(), A.P);
+  const RowOrder ro = problem_order(A.index, Q, R);
+  if constexpr (std::is_same_v<T, float>) {
+    const SolveFn lanes = lanes_solver(T(), A.P);
+    if (stop == ot::kStopProblem && lanes != nullptr) {
+      if (dense && !ro.start.empty()) return solve_fused(A, ro, R, lanes);
+      parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { lanes(A, ro.order.data(), a, b); });
+      return;
+    }
+  }
+  at::Tensor sim;
+  if (dense && R * A.P * A.B * A.P <= kMaxSimElements) {
+    sim = at::mm(bank.view({R * A.P, A.D}), query.view({A.B * A.P, A.D}).t());
+    A.sim = sim.data_ptr<T>();
+    A.sim_ld = A.B * A.P;
+  }
+  if (stop == ot::kStopProblem) {
+    parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.solve(A, ro.order.data(), a, b); });
+  } else {
+    solve_groups<T>(A, W, ro.order, stop);
+  }
 }
 
 std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query, const at::Tensor& bank,
@@ -329,11 +366,9 @@ std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query
   std::tie(out, aux) = ot_host::alloc_fwd_outputs(query, index, sh, select);
   if (sh.B * sh.M == 0) return {out, aux};
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_fwd_cpu", [&] {
-    FwdArgs<scalar_t> A =
+    const FwdArgs<scalar_t> A =
         ot_host::make_fwd_args<scalar_t>(query, bank, index, choice, out, aux, sh, select, k, eps, max_iter, tol);
-    const at::Tensor sim = cost_gemm(query, bank, sh);
-    if (sim.defined()) A.sim = sim.data_ptr<scalar_t>();
-    run_fwd<scalar_t>(A, bank.size(0), static_cast<int>(stop));
+    run_fwd<scalar_t>(A, query, bank, static_cast<int>(stop));
   });
   return {out, aux};
 }
@@ -441,7 +476,7 @@ at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor
   ot_host::check_bwd_aux(grad_out, aux, query, bank, index, sh, select, c10::DeviceType::CPU);
   at::Tensor gq = ot_host::alloc_bwd_output(query, sh);
   if (B * M == 0) return gq;
-  const std::vector<int64_t> order = problem_order(index.data_ptr<int64_t>(), B * M, bank.size(0));
+  const std::vector<int64_t> order = problem_order(index.data_ptr<int64_t>(), B * M, bank.size(0)).order;
   std::vector<int32_t> order_b(order.size());
   for (size_t n = 0; n < order.size(); ++n) order_b[n] = static_cast<int32_t>(order[n] / M);
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_bwd_cpu", [&] {

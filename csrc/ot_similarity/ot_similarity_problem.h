@@ -153,9 +153,11 @@ struct FwdArgs {
   T* out;                 // (B, M, kk)
   int64_t* aux_idx;       // (B, M, kk) flat plan indices (sample, topk)
   T* aux_pi;              // (B, M, P, P) final plan (cost)
-  // optional: the similarities of every bank patch with every query patch, sim (R * P, B * P) =
-  // bank (R*P, D) @ query (B*P, D)^T from one GEMM; nullptr -> dot products per problem
+  // optional: similarities of bank patches with every query patch from a GEMM: row
+  // (r - sim_r0) * P + j of sim (leading dimension sim_ld) holds <bank[r, j], query[b, i]> at column
+  // b * P + i, for the bank rows r the caller covers; nullptr -> dot products per problem
   const T* sim;
+  int64_t sim_r0, sim_ld;
   int64_t B, M;
   int P, D, select, k, kk, max_iter;
   T eps, tol;
@@ -525,16 +527,16 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
 }
 
 // The compact cost matrix c[i*P + j] = C_ij = 1 - <query[b, i], bank[index[p], j]> of problem
-// p = b*M + m: read from A.sim when the GEMM computed it (sim row r*P + j holds column j of C for
-// every query patch), else dot products in place.
+// p = b*M + m: read from A.sim when a GEMM computed it (sim row (r - sim_r0)*P + j holds column j
+// of C for every query patch), else dot products in place.
 template <typename T>
 CK_HOST_DEVICE void problem_cost(const FwdArgs<T>& A, int64_t p, T* c) {
   const int64_t b = p / A.M, r = A.index[p];
   const int P = A.P;
   if (A.sim != nullptr) {
-    const int64_t ld = A.B * P;
+    const int64_t ld = A.sim_ld;
     for (int j = 0; j < P; ++j) {
-      const T* col = A.sim + (r * P + j) * ld + b * P;
+      const T* col = A.sim + ((r - A.sim_r0) * P + j) * ld + b * P;
       for (int i = 0; i < P; ++i) c[i * P + j] = T(1) - col[i];
     }
     return;
