@@ -1,7 +1,6 @@
 // Lane form (host only, float) of the per-problem Sinkhorn of ot_similarity_problem.h: NL problems
-// at once, ONE PROBLEM PER SIMD LANE (NL = 16 with AVX-512, else 8: one register either way). Entry
-// (i, j) of the NL cost matrices is one vector,
-// so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal reductions, and
+// at once, ONE PROBLEM PER SIMD LANE (NL = 8 below). Entry (i, j) of the NL cost matrices is one
+// vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal reductions, and
 // the exp/log work of the rare log-domain steps runs on full vectors. Same math, update for update,
 // as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
 // lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
@@ -25,21 +24,21 @@
 #include <cmath>
 #include <cstdint>
 
+// Problems per lane group: 8 (one ymm register with AVX2 / AVX-512VL, two xmm on the x86-64
+// baseline). 16 lanes in zmm registers measured 2x slower on the AMD EPYC (Zen 4) development
+// machine: same FLOP rate (512-bit ops are double-pumped), and a 16-problem group waits for its
+// slowest problem longer (mean of the per-group max iterations 42 vs 38 at 24 mean).
+#ifndef CK_OT_LANES
+#define CK_OT_LANES 8
+#endif
+
 namespace concept_kernels {
 namespace ot {
 
 // FIXP > 0: P known at compile time (the launcher specialises P = 9); FIXP = 0: runtime P.
 template <int FIXP = 0>
 struct SinkhornLanes {
-  // 8 problems per group: one ymm register with AVX2 / AVX-512VL (two xmm on the x86-64 baseline).
-  // 16 lanes in zmm registers measured 2x slower on the AMD EPYC (Zen 4) development machine: same
-  // FLOP rate (512-bit ops are double-pumped), and a 16-problem group waits for its slowest problem
-  // longer (mean of the per-group max iterations 42 vs 38 at 24 mean). CK_OT_LANES overrides.
-#if defined(CK_OT_LANES)
   static constexpr int NL = CK_OT_LANES;
-#else
-  static constexpr int NL = 8;
-#endif
   static constexpr int CAP = FIXP > 0 ? FIXP : kMaxP;       // rows/columns capacity
   using V = typename Vec<float, NL>::type;
   using VI = typename Vec<float, NL>::itype;
@@ -96,16 +95,26 @@ struct SinkhornLanes {
     kvalid = VI{};
   }
 
-  // f_i = eps (log a - LSE_j((g0_j - C_ij)/eps)) for every lane, with max-subtraction.
-  void c_transform_rows(const V* g, V* out) const {
+  // f_i = eps (log a - LSE_j((g_j - C_ij)/eps)) for every lane, with max-subtraction. In the lanes
+  // m it also leaves the kernel of the new potentials in K: exp((f_i + g_j - C_ij)/eps) =
+  // (a / sum_i) exp((g_j - C_ij)/eps - max_i), from the exps the LSE took anyway (the per-problem
+  // forms recompute them: same values to rounding).
+  void c_transform_rows(const V* g, V* out, VI m) {
     const int p = np();
     for (int i = 0; i < p; ++i) {
       V mx = V{} - INFINITY;
       for (int j = 0; j < p; ++j) mx = vmax((g[j] - C[i * p + j]) * inv_eps, mx);
       V sum{};
-      for (int j = 0; j < p; ++j) sum += ex((g[j] - C[i * p + j]) * inv_eps - mx);
+      for (int j = 0; j < p; ++j) {
+        const V e = ex((g[j] - C[i * p + j]) * inv_eps - mx);
+        sum += e;
+        K[i * p + j] = blend(m, e, K[i * p + j]);
+      }
+      const V scale = a / sum;
+      for (int j = 0; j < p; ++j) K[i * p + j] = blend(m, K[i * p + j] * scale, K[i * p + j]);
       out[i] = eps * (log_a - (mx + lg(sum)));
     }
+    kvalid |= m;
   }
   void c_transform_cols(const V* f, V* out) const {
     const int p = np();
@@ -179,7 +188,8 @@ struct SinkhornLanes {
     return stop;
   }
 
-  // The log-domain f half step of the lanes m (g's scalings folded first); returns err.
+  // The log-domain f half step of the lanes m (g's scalings folded first, the kernel rebuilt for the
+  // new potentials); returns err.
   V f_step_log(VI m) {
     const int p = np();
     V fn[CAP];
@@ -187,14 +197,13 @@ struct SinkhornLanes {
       g0[j] = blend(m, g0[j] + eps * lg(v[j]), g0[j]);
       v[j] = blend(m, V{} + 1.0f, v[j]);
     }
-    c_transform_rows(g0, fn);
+    c_transform_rows(g0, fn, m);  // K valid again in the lanes m
     V err{};
     for (int i = 0; i < p; ++i) {
       err += vabs(fn[i] - (f0[i] + eps * lg(u[i])));
       f0[i] = blend(m, fn[i], f0[i]);
       u[i] = blend(m, V{} + 1.0f, u[i]);
     }
-    kvalid &= ~m;
     return err;
   }
 
