@@ -301,7 +301,7 @@ void solve_groups(const FwdArgs<T>& A, const Workers<T>& W, const std::vector<in
 // it: the GEMM's result never goes to memory and the cost reads hit cache.
 void solve_fused(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, SolveFn lanes) {
   constexpr int64_t kChunkProblems = 256, kMaxChunkFloats = 1 << 16;
-  const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = (BP + 7) / 8 * 8;
+  const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = row_gemm::padded(BP);
   std::vector<float> qt(D * ldb);
   row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data());
   const int64_t max_rows = std::max<int64_t>(1, kMaxChunkFloats / (P * ldb));
