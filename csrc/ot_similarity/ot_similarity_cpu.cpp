@@ -68,26 +68,16 @@ inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int
   using S = ot::SinkhornLanes<FIXP>;
   S s;
   s.setup(A.P, A.eps);
-  const int n = A.P * A.P;
-  float c[ot::kMaxP * ot::kMaxP];
   for (int64_t g = n0; g < n1; g += S::NL) {
     const int used = static_cast<int>(std::min<int64_t>(S::NL, n1 - g));
-    // the problems come in bank-row order: their index, outputs and GEMM columns are scattered
+    // the problems come in bank-row order: their index and outputs are scattered
     for (int64_t n = g + 2 * S::NL; n < std::min(n1, g + 3 * S::NL); ++n) __builtin_prefetch(A.index + order[n]);
     for (int64_t n = g + S::NL; n < std::min(n1, g + 2 * S::NL); ++n) {
       const int64_t p = order[n];
       __builtin_prefetch(A.out + p * A.kk, 1);
       if (A.aux_idx != nullptr) __builtin_prefetch(A.aux_idx + p * A.kk, 1);
-      if (A.sim != nullptr) {  // its P columns of the GEMM result (P rows, one line each)
-        const float* col = A.sim + (A.index[p] - A.sim_r0) * A.P * A.sim_ld + (p / A.M) * A.P;
-        for (int j = 0; j < A.P; ++j) __builtin_prefetch(col + j * A.sim_ld);
-      }
     }
-    for (int l = 0; l < used; ++l) {
-      ot::problem_cost(A, order[g + l], c);
-      for (int e = 0; e < n; ++e) s.set_entry(l, e, c[e]);
-    }
-    s.start(used);
+    s.load_costs(A, order + g, used);
     s.solve(A.max_iter, A.tol);
     s.write_outputs(A, order + g, used);
   }
@@ -378,6 +368,7 @@ struct BwdArgs : ot_host::BwdPtrs<T> {  // go, bank, index, aux_idx, aux_pi, gq
   const int64_t* order;    // problems in bank-row order
   const int32_t* order_b;  // their rows b (no division in the loop)
   int64_t B, M, P, D, kk, select;
+  int64_t ldg;  // row stride of gq (>= D)
   int32_t row_of[ot::kMaxP * ot::kMaxP], col_of[ot::kMaxP * ot::kMaxP];  // flat e -> (i, j)
 };
 
@@ -393,9 +384,10 @@ inline void prefetch_row_slice(const BwdArgs<T>& A, int64_t r, int64_t d0, int64
     for (int64_t d = d0; d < d1; d += kLine) __builtin_prefetch(y + j * A.D + d);
 }
 
-// One work item: columns [d0, d1) of grad_query, from every problem in bank-row order.
+// One work item: rows b in [b0, b1) and columns [d0, d1) of grad_query, from their problems in
+// bank-row order.
 template <typename T>
-inline void bwd_slice(const BwdArgs<T>& A, int64_t d0, int64_t d1) {
+inline void bwd_slice(const BwdArgs<T>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
   const int64_t P = A.P, D = A.D, Q = A.B * A.M;
   int64_t fetched = -1;
   for (int64_t n = 0; n < Q; ++n) {
@@ -413,8 +405,10 @@ inline void bwd_slice(const BwdArgs<T>& A, int64_t d0, int64_t d1) {
         __builtin_prefetch(A.go + pf);
       }
     }
+    const int64_t b = A.order_b[n];
+    if (b < b0 || b >= b1) continue;
     const int64_t p = A.order[n];
-    T* g = A.gq + A.order_b[n] * P * D;
+    T* g = A.gq + b * P * A.ldg;
     const T* Y = A.bank + A.index[p] * P * D;
     if (A.select == ot::kSelectCost) {
       const T w = A.go[p];
@@ -422,7 +416,7 @@ inline void bwd_slice(const BwdArgs<T>& A, int64_t d0, int64_t d1) {
       for (int64_t i = 0; i < P; ++i)
         for (int64_t j = 0; j < P; ++j) {
           const T c = w * pi[i * P + j];
-          T* __restrict__ gi = g + i * D;
+          T* __restrict__ gi = g + i * A.ldg;
           const T* __restrict__ yj = Y + j * D;
           for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
         }
@@ -430,26 +424,34 @@ inline void bwd_slice(const BwdArgs<T>& A, int64_t d0, int64_t d1) {
       for (int64_t s = 0; s < A.kk; ++s) {
         const int64_t e = A.aux_idx[p * A.kk + s];
         const T c = A.go[p * A.kk + s];
-        T* __restrict__ gi = g + A.row_of[e] * D;
+        T* __restrict__ gi = g + A.row_of[e] * A.ldg;
         const T* __restrict__ yj = Y + A.col_of[e] * D;
         for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
       }
     }
   }
 }
-CK_CPU_WORKER void bwd_slice_f32(const BwdArgs<float>& A, int64_t d0, int64_t d1) { bwd_slice(A, d0, d1); }
-CK_CPU_WORKER void bwd_slice_f64(const BwdArgs<double>& A, int64_t d0, int64_t d1) { bwd_slice(A, d0, d1); }
-inline void bwd_slice_any(const BwdArgs<float>& A, int64_t d0, int64_t d1) { bwd_slice_f32(A, d0, d1); }
-inline void bwd_slice_any(const BwdArgs<double>& A, int64_t d0, int64_t d1) { bwd_slice_f64(A, d0, d1); }
+CK_CPU_WORKER void bwd_slice_f32(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_slice(A, b0, b1, d0, d1);
+}
+CK_CPU_WORKER void bwd_slice_f64(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_slice(A, b0, b1, d0, d1);
+}
+inline void bwd_slice_any(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_slice_f32(A, b0, b1, d0, d1);
+}
+inline void bwd_slice_any(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
+  bwd_slice_f64(A, b0, b1, d0, d1);
+}
 
 // grad_query[b, i, :] = sum over the problems p of row b, in bank-row order (problem_order), of the
-// selected entries' grad_out x bank rows. Work items are slices of D, one per thread (multiples of
-// a cache line): each output element has one owner and its summation order is "the problems of its
-// row b in bank-row order, then the selected entries (or j) ascending" whatever the slicing and the
-// thread count, so the result is bitwise reproducible (no atomics, no per-thread partial sums).
-// Walking the problems in bank-row order streams the bank once per slice (prefetched a few rows
-// ahead); the grad_query slice (B*P rows) stays in cache. (Slices narrower than one per thread
-// measured slower: the per-entry work repeats per slice.)
+// selected entries' grad_out x bank rows. Work items are blocks of rows b (full D; slices of D when
+// there are fewer rows than threads): each output element has one owner and its summation order is
+// "the problems of its row b in bank-row order, then the selected entries (or j) ascending" whatever
+// the blocking and the thread count, so the result is bitwise reproducible (no atomics, no
+// per-thread partial sums). Walking the problems in bank-row order streams the bank (prefetched a
+// few rows ahead); the item's grad_query rows stay in cache. (Blocks of b measured faster than
+// slices of D with 2 threads: a slice's per-entry work repeats per slice.)
 template <typename T>
 void run_bwd(const BwdArgs<T>& A) {
   constexpr int64_t kAlign = 64 / sizeof(T);
@@ -458,12 +460,16 @@ void run_bwd(const BwdArgs<T>& A) {
 #else
   const int64_t threads = 1;
 #endif
-  const int64_t per = (A.D + threads - 1) / threads;
+  const int64_t n_b = std::min(A.B, threads), b_size = (A.B + n_b - 1) / n_b;
+  const int64_t n_d = std::max<int64_t>(1, threads / n_b);
+  const int64_t per = (A.D + n_d - 1) / n_d;
   const int64_t slice = std::max<int64_t>(kAlign, (per + kAlign - 1) / kAlign * kAlign);
-  const int64_t n_items = (A.D + slice - 1) / slice;
+  const int64_t n_slices = (A.D + slice - 1) / slice, n_items = n_b * n_slices;
 #pragma omp parallel for schedule(static, 1) if (n_items > 1)
-  for (int64_t item = 0; item < n_items; ++item)
-    bwd_slice_any(A, item * slice, std::min(A.D, (item + 1) * slice));
+  for (int64_t item = 0; item < n_items; ++item) {
+    const int64_t b0 = (item / n_slices) * b_size, d0 = (item % n_slices) * slice;
+    bwd_slice_any(A, b0, std::min(A.B, b0 + b_size), d0, std::min(A.D, d0 + slice));
+  }
 }
 
 at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
@@ -495,7 +501,16 @@ at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor
     A.D = D;
     A.kk = kk;
     A.select = select;
+    // accumulate in rows padded to whole cache lines: D = 200 floats puts every other (B, P) row
+    // across cache lines, and the accumulation is bound by its loads and stores of these rows
+    constexpr int64_t kLine = 64 / sizeof(scalar_t);
+    A.ldg = (D + kLine - 1) / kLine * kLine;
+    std::vector<scalar_t> padded(A.ldg == D ? 0 : B * P * A.ldg, scalar_t(0));
+    scalar_t* out = gq.data_ptr<scalar_t>();
+    if (A.ldg != D) A.gq = padded.data();
     run_bwd(A);
+    if (A.ldg != D)
+      for (int64_t row = 0; row < B * P; ++row) std::copy_n(padded.data() + row * A.ldg, D, out + row * D);
   });
   return gq;
 }

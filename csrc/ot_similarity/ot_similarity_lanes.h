@@ -6,8 +6,8 @@
 // lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
 // log-domain path for that lane only (computed for the vector, blended into the lanes that need
 // it). Stopping is per lane (stop="problem"): a lane freezes after the iteration whose err < tol;
-// the group runs until its last lane stops or max_iter. Sums run in the same order as the scalar
-// form (one chain over j, or i), so the lane and scalar forms agree to rounding of exp/log only.
+// the group runs until its last lane stops or max_iter. The lane and per-problem forms agree to
+// rounding (sums in two chains here, exps reused at the log-domain steps).
 //
 // Used by the CPU launcher for float inputs with stop="problem" (its hot path); row/all lockstep and
 // double inputs keep the per-problem forms.
@@ -23,6 +23,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 // Problems per lane group: 8 (one ymm register with AVX2 / AVX-512VL, two xmm on the x86-64
 // baseline). 16 lanes in zmm registers measured 2x slower on the AMD EPYC (Zen 4) development
@@ -59,20 +63,30 @@ struct SinkhornLanes {
   static V vmin(V x, V y) { return x < y ? x : y; }
   static V vmax(V x, V y) { return x > y ? x : y; }
   static bool any(VI m) {
+#if defined(__AVX__)
+    if constexpr (NL == 8) return _mm256_movemask_ps((__m256)m) != 0;
+#endif
     for (int l = 0; l < NL; ++l)
       if (m[l]) return true;
     return false;
   }
   static V blend(VI m, V x, V old) { return m ? x : old; }
-  // A sum of a half step in the lanes: safe &= within [kSumLo, kSumHi] (the multiplicative update
-  // is exact there), small &= within [a/tau, a tau] (its scaling a/sum stays in [1/tau, tau]).
-  // NaN fails both.
-  // (Bounds as vectors: GCC scalarises a vector-to-scalar comparison here, lane by lane.)
-  void range_masks(V sum, VI& safe, VI& small) const {
+  // The range of a half step's P sums in each lane: safe = all within [kSumLo, kSumHi] (the
+  // multiplicative update is exact there), small = all within [a/tau, a tau] (the scalings a/sum
+  // stay in [1/tau, tau]). A NaN sum fails both (probe carries it: min/max would drop it).
+  struct Range {
+    V lo = V{} + INFINITY, hi = V{} - INFINITY, probe{};
+    void add(V x) {
+      lo = vmin(x, lo);
+      hi = vmax(x, hi);
+      probe += x;
+    }
+  };
+  void range_masks(const Range& r, VI& safe, VI& small) const {
     const V sum_lo = V{} + Lim::kSumLo, sum_hi = V{} + Lim::kSumHi;
     const V s_lo = V{} + a / Lim::kTau, s_hi = V{} + a * Lim::kTau;
-    safe &= (sum >= sum_lo) & (sum <= sum_hi);
-    small &= (sum >= s_lo) & (sum <= s_hi);
+    safe &= (r.lo >= sum_lo) & (r.hi <= sum_hi) & (r.probe == r.probe);
+    small &= (r.lo >= s_lo) & (r.hi <= s_hi);
   }
 
   void setup(int P_, float eps_) {
@@ -83,13 +97,37 @@ struct SinkhornLanes {
     log_a = -ck_log(static_cast<float>(P_));
   }
 
-  // Lanes [0, used) hold problems whose compact costs the caller wrote with set_entry; the other
-  // lanes are idle (they repeat lane 0 so that no lane computes on garbage, and never iterate).
-  void set_entry(int lane, int e, float c) { C[e][lane] = c; }
-  void start(int used) {
-    const int n = np() * np();
-    for (int l = used; l < NL; ++l)
-      for (int e = 0; e < n; ++e) C[e][l] = C[e][0];
+  // x[l] = base[idx[l]] (the hardware gather with AVX2)
+  static V gather(const float* base, VI idx) {
+#if defined(__AVX2__)
+    if constexpr (NL == 8) return (V)_mm256_i32gather_ps(base, (__m256i)idx, 4);
+#endif
+    V x;
+    for (int l = 0; l < NL; ++l) x[l] = base[idx[l]];
+    return x;
+  }
+
+  // The costs of problems probs[0 .. used) into lanes [0, used); the other lanes repeat lane 0 (so
+  // that no lane computes on garbage) and never iterate. From the GEMM's similarities with one
+  // gather per entry (A.sim, a chunk small enough for int32 offsets), else dot products.
+  void load_costs(const FwdArgs<float>& A, const int64_t* probs, int used) {
+    const int p = np();
+    if (A.sim != nullptr) {
+      VI col{};  // lane l: offset of <bank[r, 0], query[b, 0]> in sim
+      for (int l = 0; l < NL; ++l) {
+        const int64_t q = probs[l < used ? l : 0];
+        col[l] = static_cast<int32_t>((A.index[q] - A.sim_r0) * p * A.sim_ld + (q / A.M) * p);
+      }
+      for (int j = 0; j < p; ++j)
+        for (int i = 0; i < p; ++i)
+          C[i * p + j] = 1.0f - gather(A.sim, col + static_cast<int32_t>(j * A.sim_ld + i));
+    } else {
+      float c[CAP * CAP];
+      for (int l = 0; l < NL; ++l) {
+        if (l < used || l == used) problem_cost(A, probs[l < used ? l : 0], c);  // idle: lane 0's
+        for (int e = 0; e < p * p; ++e) C[e][l] = c[e];
+      }
+    }
     for (int l = 0; l < NL; ++l) live[l] = l < used ? -1 : 0;
     for (int i = 0; i < np(); ++i) f0[i] = g0[i] = V{}, u[i] = v[i] = V{} + 1.0f;
     kvalid = VI{};
@@ -144,13 +182,17 @@ struct SinkhornLanes {
   VI f_step(float tol) {
     const int p = np();
     V s[CAP];
-    VI safe = live & kvalid, small = safe;
+    Range range;
     for (int i = 0; i < p; ++i) {
-      V acc{};
-      for (int j = 0; j < p; ++j) acc += K[i * p + j] * v[j];
-      s[i] = acc;
-      range_masks(acc, safe, small);
+      V acc0{}, acc1{};  // two chains: the half step is latency-bound (it depends on the last one)
+      int j = 0;
+      for (; j + 1 < p; j += 2) acc0 += K[i * p + j] * v[j], acc1 += K[i * p + j + 1] * v[j + 1];
+      if (j < p) acc0 += K[i * p + j] * v[j];
+      s[i] = acc0 + acc1;
+      range.add(s[i]);
     }
+    VI safe = live & kvalid, small = safe;
+    range_masks(range, safe, small);
     // multiplicative where the kernel is valid and the sums are safe, kept as scalings while they
     // stay within [1/tau, tau], else absorbed into f0
     const VI mult = safe, keep = small & safe, absorb = mult & ~keep;
@@ -212,18 +254,23 @@ struct SinkhornLanes {
     const VI stale = live & ~kvalid;
     if (any(stale)) rebuild_kernel(stale);
     V t[CAP];
-    VI safe = live, small = live;
+    Range range;
     for (int j = 0; j < p; ++j) {
-      V acc{};
-      for (int i = 0; i < p; ++i) acc += K[i * p + j] * u[i];
-      t[j] = acc;
-      range_masks(acc, safe, small);
+      V acc0{}, acc1{};
+      int i = 0;
+      for (; i + 1 < p; i += 2) acc0 += K[i * p + j] * u[i], acc1 += K[(i + 1) * p + j] * u[i + 1];
+      if (i < p) acc0 += K[i * p + j] * u[i];
+      t[j] = acc0 + acc1;
+      range.add(t[j]);
     }
+    VI safe = live, small = live;
+    range_masks(range, safe, small);
     const VI mult = safe, keep = small & safe, absorb = mult & ~keep;
+    const bool any_absorb = any(absorb);
     for (int j = 0; j < p; ++j) {
       const V vn = a / t[j];
       v[j] = blend(keep, vn, v[j]);
-      if (any(absorb)) {
+      if (any_absorb) {
         g0[j] = blend(absorb, g0[j] + eps * lg(vn), g0[j]);
         v[j] = blend(absorb, V{} + 1.0f, v[j]);
       }
