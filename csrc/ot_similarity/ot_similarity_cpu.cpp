@@ -40,13 +40,6 @@ namespace {
 
 using ot::FwdArgs;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CK_CPU_WORKER \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default"), flatten, noinline))
-#else
-#define CK_CPU_WORKER __attribute__((flatten, noinline))
-#endif
-
 constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
 constexpr int64_t kBlock = 32;   // problems per OpenMP work item
 
