@@ -82,7 +82,7 @@ Plan make_plan(int64_t B, int C, int N, int lanes) {
 
 // ---- packing and the workers --------------------------------------------------------------------
 
-// x (C, N) -> xT (N, Cp) and xr (Cp, Np), zero padded.
+// x (C, N) -> xT (Cp / kTile, N, kTile) panels and xr (Cp, Np), zero padded.
 template <typename T>
 void pack(const T* x, int C, int N, int Cp, int Np, T* xT, T* xr) {
   std::fill(xT, xT + static_cast<int64_t>(N) * Cp, T(0));
@@ -91,7 +91,7 @@ void pack(const T* x, int C, int N, int Cp, int Np, T* xT, T* xr) {
     for (int n = 0; n < N; ++n) {
       const T v = x[static_cast<int64_t>(c) * N + n];
       xr[static_cast<int64_t>(c) * Np + n] = v;
-      xT[static_cast<int64_t>(n) * Cp + c] = v;
+      xT[static_cast<int64_t>(c - c % kTile) * N + static_cast<int64_t>(n) * kTile + c % kTile] = v;
     }
 }
 
@@ -175,7 +175,8 @@ void run_fwd(const Plan& p, const T* x, T gamma, T* out, T* att, T* lse) {
     }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < p.B; ++b) {
-      std::vector<T> wgt(p.parts), o(N);
+      const cam::SampleView<T> sv = view(b);
+      std::vector<T> o(N);
       for (int c = 0; c < C; ++c) {
         T mx = T(-INFINITY), den = T(0);
         for (int q = 0; q < p.parts; ++q) mx = std::max(mx, state(b * p.parts + q).m[c]);
@@ -185,7 +186,7 @@ void run_fwd(const Plan& p, const T* x, T gamma, T* out, T* att, T* lse) {
           const T wq = st.l[c] > T(0) ? std::exp(st.m[c] - mx) : T(0);
           den += wq * st.l[c];
           for (int n = 0; n < N; ++n)
-            o[n] += wq * (st.orow[static_cast<int64_t>(c) * Np + n] + st.ocol[static_cast<int64_t>(n) * Cp + c]);
+            o[n] += wq * (st.orow[static_cast<int64_t>(c) * Np + n] + st.ocol[sv.tpos(c, n)]);
         }
         const int64_t r = (b * C + c) * N;
         for (int n = 0; n < N; ++n) {
@@ -249,12 +250,13 @@ T run_bwd(const Plan& p, const T* dout, const T* x, T gamma, const T* att, const
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < p.B; ++b)
       for (int c = 0; c < C; ++c) {
+        const cam::SampleView<T> sv = view(b);
         const int64_t r = (b * C + c) * N;
         for (int n = 0; n < N; ++n) {
           T g = T(0);
           for (int q = 0; q < p.parts; ++q) {
             const cam::BwdState<T> st = state(b * p.parts + q);
-            g += st.drow[static_cast<int64_t>(c) * Np + n] + st.dcol[static_cast<int64_t>(n) * Cp + c];
+            g += st.drow[static_cast<int64_t>(c) * Np + n] + st.dcol[sv.tpos(c, n)];
           }
           dx[r + n] = dout[r + n] + gamma * g;
         }

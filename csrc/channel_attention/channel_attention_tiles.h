@@ -13,9 +13,11 @@
 //
 // Layouts (per sample, zero padded: channels to Cp = a multiple of kTile, positions to Np = a
 // multiple of the SIMD lanes), chosen so that every GEMM has contiguous lanes (channel_attention_
-// gemm.h): xT (N, Cp) = Xᵀ and xr (Cp, Np) = X, likewise dT / dr for dO. Results of block I as a
+// gemm.h): xr (Cp, Np) = X and xT = Xᵀ stored as panels (Cp / kTile, N, kTile) (block I's Xᵀ is
+// one contiguous N x kTile panel: with a plain (N, Cp) layout the panel's rows would sit Cp apart,
+// 8 KB for C = 2048, all in the same L1 sets), likewise dT / dr for dO. Results of block I as a
 // row block accumulate in "row" form (Cp, Np), results of block J as a column block in "column"
-// form (N, Cp); the launcher adds the two at the end. Padded channels are masked with -inf
+// (panel) form; the launcher adds the two at the end. Padded channels are masked with -inf
 // penalties where they would act as keys (pen_* vectors); as queries they are harmless rows of 0.
 #pragma once
 
@@ -33,14 +35,17 @@ constexpr int kTile = 32;  // channels per block (a multiple of every lane count
 template <typename T>
 struct SampleView {
   int C, N, Cp, Np;
-  const T* xT;  // (N, Cp)
+  const T* xT;  // (Cp / kTile, N, kTile) panels of Xᵀ
   const T* xr;  // (Cp, Np)
-  const T* dT;  // (N, Cp) dO transposed
+  const T* dT;  // panels of dOᵀ
   const T* dr;  // (Cp, Np) dO
+  // offset of the panel of the block starting at channel c0, and of element (c, n) in panel form
+  int64_t panel(int c0) const { return static_cast<int64_t>(c0) * N; }
+  int64_t tpos(int c, int n) const { return panel(c - c % kTile) + static_cast<int64_t>(n) * kTile + c % kTile; }
 };
 
 // Forward online-softmax state of one part of a sample: running max m, sum l (Cp each) and the
-// unnormalised output in row form (Cp, Np) and column form (N, Cp).
+// unnormalised output in row form (Cp, Np) and column (panel) form.
 template <typename T>
 struct FwdState {
   T* m;
@@ -49,7 +54,7 @@ struct FwdState {
   T* ocol;
 };
 
-// Backward accumulators of one part: dx (before gamma) in row form (Cp, Np) and column form (N, Cp).
+// Backward accumulators of one part: dx (before gamma) in row form (Cp, Np) and panel form.
 template <typename T>
 struct BwdState {
   T* drow;
@@ -77,10 +82,10 @@ inline void set_penalties(T* pen, int c0, int C) {
   for (int i = 0; i < kTile; ++i) pen[i] = c0 + i < C ? T(0) : T(-INFINITY);
 }
 
-// out[i, j] = sum_n a[n, i0 + i] * b[n, j0 + j] over the N rows of two (N, Cp) operands.
+// out[i, j] = sum_n a[n, i0 + i] * b[n, j0 + j] over the N rows of two panel-form operands.
 template <typename T>
 inline void inner_tile(const SampleView<T>& s, const T* a, int i0, const T* b, int j0, T* out) {
-  const Term<T> t[1] = {{a + i0, 1, s.Cp, b + j0, s.Cp, s.N}};
+  const Term<T> t[1] = {{a + s.panel(i0), 1, kTile, b + s.panel(j0), kTile, s.N}};
   tile_gemm<T, 4, 4, 1>(kTile, kTile, t, out, kTile, false);
 }
 
@@ -100,7 +105,7 @@ inline void rescale_row(const SampleView<T>& s, const FwdState<T>& st, int c, T 
   if (alpha == T(1)) return;
   st.l[c] *= alpha;
   for (int n = 0; n < s.Np; ++n) st.orow[static_cast<int64_t>(c) * s.Np + n] *= alpha;
-  for (int n = 0; n < s.N; ++n) st.ocol[static_cast<int64_t>(n) * s.Cp + c] *= alpha;
+  for (int n = 0; n < s.N; ++n) st.ocol[s.tpos(c, n)] *= alpha;
 }
 
 // Forward, row side of pair (I, J), I < J: block I's queries against block J's keys.
@@ -169,8 +174,8 @@ inline void fwd_col_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<
     }
   }
   for (int v = 0; v < NV; ++v) S::store(st.l + j0 + v * L, S::load(st.l + j0 + v * L) + sum[v]);
-  const Term<T> t[1] = {{s.xT + i0, s.Cp, 1, w.t2, kTile, kTile}};
-  tile_gemm<T, 4, 4, 1>(s.N, kTile, t, st.ocol + j0, s.Cp, true);
+  const Term<T> t[1] = {{s.xT + s.panel(i0), kTile, 1, w.t2, kTile, kTile}};
+  tile_gemm<T, 4, 4, 1>(s.N, kTile, t, st.ocol + s.panel(j0), kTile, true);
 }
 
 // The whole forward contribution of pair (I, J) = (i0 / kTile, j0 / kTile), i0 <= j0.
@@ -213,8 +218,9 @@ inline void bwd_pair(const SampleView<T>& s, const T* lse, const T* delta, const
       S::store(w.t2 + o, pji);
     }
   }
-  const Term<T> tc[2] = {{s.dT + i0, s.Cp, 1, w.t0, kTile, kTile}, {s.xT + i0, s.Cp, 1, w.t1, kTile, kTile}};
-  tile_gemm<T, 4, 4, 2>(s.N, kTile, tc, st.dcol + j0, s.Cp, true);
+  const int64_t pi = s.panel(i0);
+  const Term<T> tc[2] = {{s.dT + pi, kTile, 1, w.t0, kTile, kTile}, {s.xT + pi, kTile, 1, w.t1, kTile, kTile}};
+  tile_gemm<T, 4, 4, 2>(s.N, kTile, tc, st.dcol + s.panel(j0), kTile, true);
   if (i0 == j0) return;
   const int64_t jr = static_cast<int64_t>(j0) * s.Np;
   const Term<T> tr[2] = {{w.t2, kTile, 1, s.dr + jr, s.Np, kTile}, {w.t1, kTile, 1, s.xr + jr, s.Np, kTile}};
