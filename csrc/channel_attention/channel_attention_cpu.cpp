@@ -206,7 +206,8 @@ T run_bwd(const Plan& p, const T* dout, const T* x, T gamma, const T* att, const
   const int C = p.C, N = p.N, Cp = p.Cp, Np = p.Np;
   const int64_t half = static_cast<int64_t>(N) * Cp + static_cast<int64_t>(Cp) * Np;
   const int64_t pack_sz = 2 * half + 2 * static_cast<int64_t>(Cp);  // x, dout, lse, delta
-  std::vector<T> packs(p.B * pack_sz), states(p.items() * half), dsum(p.B);
+  std::vector<T> packs(p.B * pack_sz), states(p.items() * half);
+  std::vector<double> dsum(p.B);  // dgamma = sum of B C N products: accumulated in double
   auto view = [&](int64_t b) {
     const T* base = packs.data() + b * pack_sz;
     const int64_t nc = static_cast<int64_t>(N) * Cp;
@@ -227,12 +228,12 @@ T run_bwd(const Plan& p, const T* dout, const T* x, T gamma, const T* att, const
       T* lse_p = base + 2 * half;
       T* delta = lse_p + Cp;
       std::fill(lse_p, lse_p + 2 * Cp, T(0));  // padded channels: lse = delta = 0 (masked anyway)
-      T total = T(0);
+      double total = 0.0;
       for (int c = 0; c < C; ++c) {
         const int64_t r = (b * C + c) * N;
-        T d = T(0);
-        for (int n = 0; n < N; ++n) d += dout[r + n] * att[r + n];
-        delta[c] = d;
+        double d = 0.0;
+        for (int n = 0; n < N; ++n) d += static_cast<double>(dout[r + n]) * att[r + n];
+        delta[c] = static_cast<T>(d);
         lse_p[c] = lse[b * C + c];
         total += d;
       }
@@ -262,9 +263,9 @@ T run_bwd(const Plan& p, const T* dout, const T* x, T gamma, const T* att, const
         }
       }
   }
-  T total = T(0);
+  double total = 0.0;
   for (int64_t b = 0; b < p.B; ++b) total += dsum[b];
-  return total;
+  return static_cast<T>(total);
 }
 
 // ---- ops ------------------------------------------------------------------------------------------
