@@ -63,7 +63,7 @@ inline void micro_kernel(const Term<T>* t, T* c, ptrdiff_t ldc, bool acc) {
       V bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = S::load(b + v * L);
       for (int r = 0; r < R; ++r) {
-        const V av = splat<V>(a[r * ars]);
+        const V av = broadcast<V>(a[r * ars]);
         for (int v = 0; v < NV; ++v) s[r][v] += av * bv[v];
       }
     }

@@ -83,7 +83,7 @@ struct Scratch {
 template <typename T>
 inline T vexp_scalar(T x) {
   using S = Simd<T>;
-  return vexp<typename S::V, typename S::VI>(splat<typename S::V>(x), T())[0];
+  return vexp<typename S::V, typename S::VI>(broadcast<typename S::V>(x), T())[0];
 }
 
 template <typename T>
@@ -128,14 +128,14 @@ inline void fwd_row_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<
   for (int i = 0; i < kTile; ++i) {
     const T* e = w.t0 + i * kTile;
     T* p = w.t1 + i * kTile;
-    V mx = splat<V>(T(-INFINITY));
+    V mx = broadcast<V>(T(-INFINITY));
     for (int v = 0; v < NV; ++v) {
       const V x = S::load(w.pen_j + v * L) - S::load(e + v * L);
       mx = sel<V, VI>(x > mx, x, mx);
     }
     const T alpha = move_max(st.m[i0 + i], Horizontal<T, L>::max(mx));
     rescale_row(s, st, i0 + i, alpha);
-    const V m = splat<V>(st.m[i0 + i]);
+    const V m = broadcast<V>(st.m[i0 + i]);
     V sum = V{};
     for (int v = 0; v < NV; ++v) {
       const V x = vexp<V, VI>(S::load(w.pen_j + v * L) - S::load(e + v * L) - m, T());
@@ -157,9 +157,9 @@ inline void fwd_col_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<
   using VI = typename S::VI;
   constexpr int L = S::kLanes, NV = kTile / L;
   V mx[NV], sum[NV];
-  for (int v = 0; v < NV; ++v) mx[v] = splat<V>(T(-INFINITY));
+  for (int v = 0; v < NV; ++v) mx[v] = broadcast<V>(T(-INFINITY));
   for (int i = 0; i < kTile; ++i) {
-    const V pen = splat<V>(w.pen_i[i]);
+    const V pen = broadcast<V>(w.pen_i[i]);
     for (int v = 0; v < NV; ++v) {
       const V x = pen - S::load(w.t0 + i * kTile + v * L);
       mx[v] = sel<V, VI>(x > mx[v], x, mx[v]);
@@ -175,7 +175,7 @@ inline void fwd_col_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<
     sum[v] = V{};
   }
   for (int i = 0; i < kTile; ++i) {
-    const V pen = splat<V>(w.pen_i[i]);
+    const V pen = broadcast<V>(w.pen_i[i]);
     for (int v = 0; v < NV; ++v) {
       const V x = vexp<V, VI>(pen - S::load(w.t0 + i * kTile + v * L) - mx[v], T());
       S::store(w.t2 + i * kTile + v * L, x);
@@ -215,7 +215,7 @@ inline void bwd_pair(const SampleView<T>& s, const T* lse, const T* delta, const
   inner_tile(s, s.dT, i0, s.xT, j0, w.t1);
   inner_tile(s, s.xT, i0, s.dT, j0, w.t2);
   for (int i = 0; i < kTile; ++i) {
-    const V li = splat<V>(lse[i0 + i]), pi = splat<V>(w.pen_i[i]), di = splat<V>(delta[i0 + i]);
+    const V li = broadcast<V>(lse[i0 + i]), pi = broadcast<V>(w.pen_i[i]), di = broadcast<V>(delta[i0 + i]);
     for (int v = 0; v < NV; ++v) {
       const int o = i * kTile + v * L;
       const V sij = -S::load(w.t0 + o);

@@ -49,6 +49,16 @@ inline V splat(T x) {
   return V{} + x;
 }
 
+// All lanes = x as one broadcast instruction (lane 0, then a shuffle with an all-zero mask). splat's
+// 0 + x cannot be folded (it turns -0 into +0) and costs an add per call; hot loops use this.
+template <typename V, typename T>
+inline V broadcast(T x) {
+  using VI = typename Vec<T, static_cast<int>(sizeof(V) / sizeof(T))>::itype;
+  V v{};
+  v[0] = x;
+  return __builtin_shuffle(v, VI{});
+}
+
 // m ? a : b lane-wise with bitwise operations (GCC lowers the vector ?: of wider-than-hardware
 // vectors lane by lane; and/or stay SIMD).
 template <typename V, typename VI>
