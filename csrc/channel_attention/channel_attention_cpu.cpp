@@ -100,7 +100,7 @@ inline void fwd_part(const cam::SampleView<T>& s, const cam::FwdState<T>& st, in
   cam::Scratch<T> w;
   const int nb = s.Cp / kTile;
   for (int I = I0; I < I1; ++I)
-    for (int J = I; J < nb; ++J) cam::fwd_pair(s, st, w, I * kTile, J * kTile);
+    for (int J = I; J < nb; ++J) cam::PairMath<T>::fwd_pair(s, st, w, I * kTile, J * kTile);
 }
 
 template <typename T>
@@ -109,38 +109,30 @@ inline void bwd_part(const cam::SampleView<T>& s, const T* lse, const T* delta, 
   cam::Scratch<T> w;
   const int nb = s.Cp / kTile;
   for (int I = I0; I < I1; ++I)
-    for (int J = I; J < nb; ++J) cam::bwd_pair(s, lse, delta, st, w, I * kTile, J * kTile);
+    for (int J = I; J < nb; ++J) cam::PairMath<T>::bwd_pair(s, lse, delta, st, w, I * kTile, J * kTile);
 }
 
-// target_clones needs plain functions: one per dtype and direction.
-CK_CPU_WORKER void fwd_part_f32(const cam::SampleView<float>& s, const cam::FwdState<float>& st, int I0, int I1) {
-  fwd_part(s, st, I0, I1);
-}
-CK_CPU_WORKER void fwd_part_f64(const cam::SampleView<double>& s, const cam::FwdState<double>& st, int I0, int I1) {
-  fwd_part(s, st, I0, I1);
-}
-CK_CPU_WORKER void bwd_part_f32(const cam::SampleView<float>& s, const float* lse, const float* delta,
-                                const cam::BwdState<float>& st, int I0, int I1) {
-  bwd_part(s, lse, delta, st, I0, I1);
-}
-CK_CPU_WORKER void bwd_part_f64(const cam::SampleView<double>& s, const double* lse, const double* delta,
-                                const cam::BwdState<double>& st, int I0, int I1) {
-  bwd_part(s, lse, delta, st, I0, I1);
-}
-inline void run_fwd_part(const cam::SampleView<float>& s, const cam::FwdState<float>& st, int I0, int I1) {
-  fwd_part_f32(s, st, I0, I1);
-}
-inline void run_fwd_part(const cam::SampleView<double>& s, const cam::FwdState<double>& st, int I0, int I1) {
-  fwd_part_f64(s, st, I0, I1);
-}
-inline void run_bwd_part(const cam::SampleView<float>& s, const float* lse, const float* delta,
-                         const cam::BwdState<float>& st, int I0, int I1) {
-  bwd_part_f32(s, lse, delta, st, I0, I1);
-}
-inline void run_bwd_part(const cam::SampleView<double>& s, const double* lse, const double* delta,
-                         const cam::BwdState<double>& st, int I0, int I1) {
-  bwd_part_f64(s, lse, delta, st, I0, I1);
-}
+// target_clones needs plain functions: one per dtype and direction, reached through the run_*
+// overloads.
+#define CK_CAM_WORKERS(T, SUFFIX)                                                                      \
+  CK_CPU_WORKER void fwd_part_##SUFFIX(const cam::SampleView<T>& s, const cam::FwdState<T>& st, int I0, \
+                                       int I1) {                                                        \
+    fwd_part(s, st, I0, I1);                                                                            \
+  }                                                                                                     \
+  CK_CPU_WORKER void bwd_part_##SUFFIX(const cam::SampleView<T>& s, const T* lse, const T* delta,       \
+                                       const cam::BwdState<T>& st, int I0, int I1) {                    \
+    bwd_part(s, lse, delta, st, I0, I1);                                                                \
+  }                                                                                                     \
+  inline void run_fwd_part(const cam::SampleView<T>& s, const cam::FwdState<T>& st, int I0, int I1) {    \
+    fwd_part_##SUFFIX(s, st, I0, I1);                                                                   \
+  }                                                                                                     \
+  inline void run_bwd_part(const cam::SampleView<T>& s, const T* lse, const T* delta,                   \
+                           const cam::BwdState<T>& st, int I0, int I1) {                                \
+    bwd_part_##SUFFIX(s, lse, delta, st, I0, I1);                                                       \
+  }
+CK_CAM_WORKERS(float, f32)
+CK_CAM_WORKERS(double, f64)
+#undef CK_CAM_WORKERS
 
 // ---- forward --------------------------------------------------------------------------------------
 

@@ -117,124 +117,120 @@ inline void rescale_row(const SampleView<T>& s, const FwdState<T>& st, int c, T 
   for (int n = 0; n < s.N; ++n) st.ocol[s.tpos(c, n)] *= alpha;
 }
 
-// Forward, row side of pair (I, J), I < J: block I's queries against block J's keys.
-// E (t0) = X_I X_Jᵀ; P (t1) = exp(-E + pen_j - m_I) after moving m_I; orow_I += P xr_J.
+// The SIMD parts of the pair math, sharing one set of vector types: V holds L lanes of T, a tile
+// row is NV vectors.
 template <typename T>
-inline void fwd_row_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
+struct PairMath {
   using S = Simd<T>;
   using V = typename S::V;
   using VI = typename S::VI;
-  constexpr int L = S::kLanes, NV = kTile / L;
-  for (int i = 0; i < kTile; ++i) {
-    const T* e = w.t0 + i * kTile;
-    T* p = w.t1 + i * kTile;
-    V mx = broadcast<V>(T(-INFINITY));
-    for (int v = 0; v < NV; ++v) {
-      const V x = S::load(w.pen_j + v * L) - S::load(e + v * L);
-      mx = sel<V, VI>(x > mx, x, mx);
-    }
-    const T alpha = move_max(st.m[i0 + i], Horizontal<T, L>::max(mx));
-    rescale_row(s, st, i0 + i, alpha);
-    const V m = broadcast<V>(st.m[i0 + i]);
-    V sum = V{};
-    for (int v = 0; v < NV; ++v) {
-      const V x = vexp<V, VI>(S::load(w.pen_j + v * L) - S::load(e + v * L) - m, T());
-      S::store(p + v * L, x);
-      sum += x;
-    }
-    st.l[i0 + i] += Horizontal<T, L>::sum(sum);
-  }
-  const Term<T> t[1] = {{w.t1, kTile, 1, s.xr + static_cast<int64_t>(j0) * s.Np, s.Np, kTile}};
-  tile_gemm<T, Blocks<T>::kRowR, Blocks<T>::kRowV, 1>(kTile, s.Np, t, st.orow + static_cast<int64_t>(i0) * s.Np, s.Np, true);
-}
+  static constexpr int L = S::kLanes, NV = kTile / L;
 
-// Forward, column side of pair (I, J), I <= J: block J's queries against block I's keys, from the
-// same E (t0). P (t2)[i, j] = exp(-E[i, j] + pen_i - m_J[j]); ocol[:, J] += xT_I P.
-template <typename T>
-inline void fwd_col_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  using VI = typename S::VI;
-  constexpr int L = S::kLanes, NV = kTile / L;
-  V mx[NV], sum[NV];
-  for (int v = 0; v < NV; ++v) mx[v] = broadcast<V>(T(-INFINITY));
-  for (int i = 0; i < kTile; ++i) {
-    const V pen = broadcast<V>(w.pen_i[i]);
-    for (int v = 0; v < NV; ++v) {
-      const V x = pen - S::load(w.t0 + i * kTile + v * L);
-      mx[v] = sel<V, VI>(x > mx[v], x, mx[v]);
+  // Forward, row side of pair (I, J), I < J: block I's queries against block J's keys.
+  // E (t0) = X_I X_Jᵀ; P (t1) = exp(-E + pen_j - m_I) after moving m_I; orow_I += P xr_J.
+  static void fwd_row_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
+    for (int i = 0; i < kTile; ++i) {
+      const T* e = w.t0 + i * kTile;
+      T* p = w.t1 + i * kTile;
+      V mx = broadcast<V>(T(-INFINITY));
+      for (int v = 0; v < NV; ++v) {
+        const V x = S::load(w.pen_j + v * L) - S::load(e + v * L);
+        mx = sel<V, VI>(x > mx, x, mx);
+      }
+      const T alpha = move_max(st.m[i0 + i], Horizontal<T, L>::max(mx));
+      rescale_row(s, st, i0 + i, alpha);
+      const V m = broadcast<V>(st.m[i0 + i]);
+      V sum = V{};
+      for (int v = 0; v < NV; ++v) {
+        const V x = vexp<V, VI>(S::load(w.pen_j + v * L) - S::load(e + v * L) - m, T());
+        S::store(p + v * L, x);
+        sum += x;
+      }
+      st.l[i0 + i] += Horizontal<T, L>::sum(sum);
     }
+    const Term<T> t[1] = {{w.t1, kTile, 1, s.xr + static_cast<int64_t>(j0) * s.Np, s.Np, kTile}};
+    T* out = st.orow + static_cast<int64_t>(i0) * s.Np;
+    tile_gemm<T, Blocks<T>::kRowR, Blocks<T>::kRowV, 1>(kTile, s.Np, t, out, s.Np, true);
   }
-  for (int v = 0; v < NV; ++v)
-    for (int q = 0; q < L; ++q) {
-      const int j = v * L + q;
-      rescale_row(s, st, j0 + j, move_max(st.m[j0 + j], mx[v][q]));
-    }
-  for (int v = 0; v < NV; ++v) {
-    mx[v] = S::load(st.m + j0 + v * L);
-    sum[v] = V{};
-  }
-  for (int i = 0; i < kTile; ++i) {
-    const V pen = broadcast<V>(w.pen_i[i]);
-    for (int v = 0; v < NV; ++v) {
-      const V x = vexp<V, VI>(pen - S::load(w.t0 + i * kTile + v * L) - mx[v], T());
-      S::store(w.t2 + i * kTile + v * L, x);
-      sum[v] += x;
-    }
-  }
-  for (int v = 0; v < NV; ++v) S::store(st.l + j0 + v * L, S::load(st.l + j0 + v * L) + sum[v]);
-  const Term<T> t[1] = {{s.xT + s.panel(i0), kTile, 1, w.t2, kTile, kTile}};
-  tile_gemm<T, Blocks<T>::kColR, Blocks<T>::kColV, 1>(s.N, kTile, t, st.ocol + s.panel(j0), kTile, true);
-}
 
-// The whole forward contribution of pair (I, J) = (i0 / kTile, j0 / kTile), i0 <= j0.
-template <typename T>
-inline void fwd_pair(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
-  set_penalties(w.pen_i, i0, s.C);
-  set_penalties(w.pen_j, j0, s.C);
-  inner_tile(s, s.xT, i0, s.xT, j0, w.t0);
-  if (i0 != j0) fwd_row_side(s, st, w, i0, j0);
-  fwd_col_side(s, st, w, i0, j0);
-}
-
-// The whole backward contribution of pair (I, J), i0 <= j0 (lse, delta: (Cp) of this sample).
-//   t0 = E = X_I X_Jᵀ, t1 = dO_I X_Jᵀ, t2 = X_I dO_Jᵀ, then in place:
-//   t0 <- P_ij = exp(S_ij - lse_i), t2 <- P_ji = exp(S_ij - lse_j),
-//   t1 <- -(dS_ij + dS_ji) = -(P_ij (t1 - D_i) + P_ji (t2 - D_j));
-//   dcol[:, J] += dT_I P_ij + xT_I t1;   (I < J) drow[I] += P_ji dr_J + t1 xr_J.
-template <typename T>
-inline void bwd_pair(const SampleView<T>& s, const T* lse, const T* delta, const BwdState<T>& st, Scratch<T>& w,
-                     int i0, int j0) {
-  using S = Simd<T>;
-  using V = typename S::V;
-  using VI = typename S::VI;
-  constexpr int L = S::kLanes, NV = kTile / L;
-  set_penalties(w.pen_i, i0, s.C);
-  set_penalties(w.pen_j, j0, s.C);
-  inner_tile(s, s.xT, i0, s.xT, j0, w.t0);
-  inner_tile(s, s.dT, i0, s.xT, j0, w.t1);
-  inner_tile(s, s.xT, i0, s.dT, j0, w.t2);
-  for (int i = 0; i < kTile; ++i) {
-    const V li = broadcast<V>(lse[i0 + i]), pi = broadcast<V>(w.pen_i[i]), di = broadcast<V>(delta[i0 + i]);
-    for (int v = 0; v < NV; ++v) {
-      const int o = i * kTile + v * L;
-      const V sij = -S::load(w.t0 + o);
-      const V pij = vexp<V, VI>(sij + S::load(w.pen_j + v * L) - li, T());
-      const V pji = vexp<V, VI>(sij + pi - S::load(lse + j0 + v * L), T());
-      const V nds = -(pij * (S::load(w.t1 + o) - di) + pji * (S::load(w.t2 + o) - S::load(delta + j0 + v * L)));
-      S::store(w.t0 + o, pij);
-      S::store(w.t1 + o, nds);
-      S::store(w.t2 + o, pji);
+  // Forward, column side of pair (I, J), I <= J: block J's queries against block I's keys, from the
+  // same E (t0). P (t2)[i, j] = exp(-E[i, j] + pen_i - m_J[j]); ocol[:, J] += xT_I P.
+  static void fwd_col_side(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
+    V mx[NV], sum[NV];
+    for (int v = 0; v < NV; ++v) mx[v] = broadcast<V>(T(-INFINITY));
+    for (int i = 0; i < kTile; ++i) {
+      const V pen = broadcast<V>(w.pen_i[i]);
+      for (int v = 0; v < NV; ++v) {
+        const V x = pen - S::load(w.t0 + i * kTile + v * L);
+        mx[v] = sel<V, VI>(x > mx[v], x, mx[v]);
+      }
     }
+    for (int v = 0; v < NV; ++v)
+      for (int q = 0; q < L; ++q) {
+        const int j = v * L + q;
+        rescale_row(s, st, j0 + j, move_max(st.m[j0 + j], mx[v][q]));
+      }
+    for (int v = 0; v < NV; ++v) {
+      mx[v] = S::load(st.m + j0 + v * L);
+      sum[v] = V{};
+    }
+    for (int i = 0; i < kTile; ++i) {
+      const V pen = broadcast<V>(w.pen_i[i]);
+      for (int v = 0; v < NV; ++v) {
+        const V x = vexp<V, VI>(pen - S::load(w.t0 + i * kTile + v * L) - mx[v], T());
+        S::store(w.t2 + i * kTile + v * L, x);
+        sum[v] += x;
+      }
+    }
+    for (int v = 0; v < NV; ++v) S::store(st.l + j0 + v * L, S::load(st.l + j0 + v * L) + sum[v]);
+    const Term<T> t[1] = {{s.xT + s.panel(i0), kTile, 1, w.t2, kTile, kTile}};
+    tile_gemm<T, Blocks<T>::kColR, Blocks<T>::kColV, 1>(s.N, kTile, t, st.ocol + s.panel(j0), kTile, true);
   }
-  const int64_t pi = s.panel(i0);
-  const Term<T> tc[2] = {{s.dT + pi, kTile, 1, w.t0, kTile, kTile}, {s.xT + pi, kTile, 1, w.t1, kTile, kTile}};
-  tile_gemm<T, Blocks<T>::kColR, Blocks<T>::kColV, 2>(s.N, kTile, tc, st.dcol + s.panel(j0), kTile, true);
-  if (i0 == j0) return;
-  const int64_t jr = static_cast<int64_t>(j0) * s.Np;
-  const Term<T> tr[2] = {{w.t2, kTile, 1, s.dr + jr, s.Np, kTile}, {w.t1, kTile, 1, s.xr + jr, s.Np, kTile}};
-  tile_gemm<T, Blocks<T>::kRowR, Blocks<T>::kRowV, 2>(kTile, s.Np, tr, st.drow + static_cast<int64_t>(i0) * s.Np, s.Np, true);
-}
+
+  // The whole forward contribution of pair (I, J) = (i0 / kTile, j0 / kTile), i0 <= j0.
+  static void fwd_pair(const SampleView<T>& s, const FwdState<T>& st, Scratch<T>& w, int i0, int j0) {
+    set_penalties(w.pen_i, i0, s.C);
+    set_penalties(w.pen_j, j0, s.C);
+    inner_tile(s, s.xT, i0, s.xT, j0, w.t0);
+    if (i0 != j0) fwd_row_side(s, st, w, i0, j0);
+    fwd_col_side(s, st, w, i0, j0);
+  }
+
+  // The whole backward contribution of pair (I, J), i0 <= j0 (lse, delta: (Cp) of this sample).
+  //   t0 = E = X_I X_Jᵀ, t1 = dO_I X_Jᵀ, t2 = X_I dO_Jᵀ, then in place:
+  //   t0 <- P_ij = exp(S_ij - lse_i), t2 <- P_ji = exp(S_ij - lse_j),
+  //   t1 <- -(dS_ij + dS_ji) = -(P_ij (t1 - D_i) + P_ji (t2 - D_j));
+  //   dcol[:, J] += dT_I P_ij + xT_I t1;   (I < J) drow[I] += P_ji dr_J + t1 xr_J.
+  static void bwd_pair(const SampleView<T>& s, const T* lse, const T* delta, const BwdState<T>& st, Scratch<T>& w,
+                       int i0, int j0) {
+    set_penalties(w.pen_i, i0, s.C);
+    set_penalties(w.pen_j, j0, s.C);
+    inner_tile(s, s.xT, i0, s.xT, j0, w.t0);
+    inner_tile(s, s.dT, i0, s.xT, j0, w.t1);
+    inner_tile(s, s.xT, i0, s.dT, j0, w.t2);
+    for (int i = 0; i < kTile; ++i) {
+      const V li = broadcast<V>(lse[i0 + i]), pi = broadcast<V>(w.pen_i[i]), di = broadcast<V>(delta[i0 + i]);
+      for (int v = 0; v < NV; ++v) {
+        const int o = i * kTile + v * L;
+        const V sij = -S::load(w.t0 + o);
+        const V pij = vexp<V, VI>(sij + S::load(w.pen_j + v * L) - li, T());
+        const V pji = vexp<V, VI>(sij + pi - S::load(lse + j0 + v * L), T());
+        const V nds = -(pij * (S::load(w.t1 + o) - di) + pji * (S::load(w.t2 + o) - S::load(delta + j0 + v * L)));
+        S::store(w.t0 + o, pij);
+        S::store(w.t1 + o, nds);
+        S::store(w.t2 + o, pji);
+      }
+    }
+    const int64_t pi = s.panel(i0);
+    const Term<T> tc[2] = {{s.dT + pi, kTile, 1, w.t0, kTile, kTile}, {s.xT + pi, kTile, 1, w.t1, kTile, kTile}};
+    tile_gemm<T, Blocks<T>::kColR, Blocks<T>::kColV, 2>(s.N, kTile, tc, st.dcol + s.panel(j0), kTile, true);
+    if (i0 == j0) return;
+    const int64_t jr = static_cast<int64_t>(j0) * s.Np;
+    const Term<T> tr[2] = {{w.t2, kTile, 1, s.dr + jr, s.Np, kTile}, {w.t1, kTile, 1, s.xr + jr, s.Np, kTile}};
+    T* out = st.drow + static_cast<int64_t>(i0) * s.Np;
+    tile_gemm<T, Blocks<T>::kRowR, Blocks<T>::kRowV, 2>(kTile, s.Np, tr, out, s.Np, true);
+  }
+};
 
 }  // namespace cam
 }  // namespace concept_kernels

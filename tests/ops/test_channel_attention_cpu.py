@@ -12,7 +12,7 @@ import concept_kernels as ck
 from concept_kernels import _backends, _ext
 from concept_kernels.ops.channel_attention import cpu_impl
 from concept_kernels.ops.channel_attention.reference import channel_attention_ref
-from concept_kernels.testing import assert_close, assert_within_2x, feature_map, tolerance
+from concept_kernels.testing import assert_close, assert_within_2x, feature_map, run_with_grads, tolerance
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_EXT, reason="needs the compiled extension concept_kernels._C")
 
@@ -32,11 +32,7 @@ def _case(shape, dtype, seed=0, scale=1.0):
 
 
 def _run(f, x, gamma, dout):
-    x = x.detach().clone().requires_grad_(True)
-    gamma = gamma.detach().clone().requires_grad_(True)
-    out = f(x, gamma)
-    out.backward(dout)
-    return out.detach(), x.grad, gamma.grad
+    return run_with_grads(f, dout, x, gamma)
 
 
 def _cpu(x, gamma):

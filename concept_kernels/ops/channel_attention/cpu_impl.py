@@ -23,8 +23,12 @@ comparisons and machines without the extension. It is never used silently: witho
 and without that setting the cpu backend reports itself unavailable (``python -m concept_kernels.info``
 says why) and auto-selection moves on. ``CONCEPT_KERNELS_CAM_CPU=symm`` requires the C++ kernel.
 
-Measured (2-core AMD EPYC Zen 4 shared with other jobs, interleaved rounds; see bench/README.md):
-B=8, C=2048, N=49 fwd+bwd about 1.4-1.6x the SDPA composition; numbers in the README.
+Measured with bench/ab_channel_attention.py (interleaved rounds, 2 threads, a 2-core AMD EPYC Zen 4
+shared with other jobs, load 2.5-3.8; medians of wall and process CPU time): B=8, C=2048, N=49
+fwd+bwd 1.4-1.7x the SDPA composition and 4.9-5.8x the eager form, forward alone 0.95-1.15x;
+N=196 fwd+bwd 1.2x, forward alone 0.75-0.95x. The backward carries the gain (3.5 vs 5 GEMMs per
+tile, and PyTorch's CPU flash backward is slow here); the forward's 1.5 vs 2 GEMMs are eaten by the
+two exp passes per tile and the 8-lane padding of N on the row side.
 """
 from __future__ import annotations
 
