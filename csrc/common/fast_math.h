@@ -11,7 +11,9 @@
 
 // The polynomial cores are also instantiated with GCC vector types (common/simd.h) inside
 // target_clones workers, where the vector-ABI note does not apply.
+#if !defined(__CUDACC__)
 #pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 
 namespace concept_kernels {
 
