@@ -15,7 +15,9 @@ Providers (one table per ``<op>-<mode>-<shape>`` group):
   PAM: the reference's fused QKV matmul, then SDPA with tokens = positions:
   q = Qᵀ (B,1,N,C'), k = Kᵀ (B,1,N,C'), v = Vᵀ (B,1,N,C), scale=1.0.
 * ``cpu`` / ``triton`` / ``cuda``: the public op with ``backend=<name>``; skipped with the
-  backend's reason where it cannot run, or "not implemented yet".
+  backend's reason where it cannot run, or "not implemented yet". For channel_attention ``cpu`` is
+  the C++ symmetric kernel (``CONCEPT_KERNELS_CAM_CPU=aten`` measures PyTorch's CPU flash kernel
+  instead); ab_channel_attention.py compares them in interleaved rounds.
 
 Modes: ``fwd``; ``fwd_bwd`` = forward + backward of ``(out * w).sum()`` (fixed random w), gradient
 to ``x`` only (gamma = 0.5 and the PAM weights are constants, so every provider does the same

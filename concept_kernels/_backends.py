@@ -42,12 +42,15 @@ class Backend:
     available: () -> None if usable on this machine, else the reason it is not.
     unsupported: (device, explicit) -> reasons it cannot run inputs on ``device`` (empty = ok).
     impl: whatever the op's dispatcher needs (a module or object with fwd/bwd), opaque here.
+    detail: () -> what an available backend runs here, when it has more than one way (shown by
+        ``python -m concept_kernels.info``), or None.
     """
 
     name: str
     impl: Any = None
     available: Callable[[], Optional[str]] = _always
     unsupported: Callable[[torch.device, bool], List[str]] = _no_reasons
+    detail: Callable[[], Optional[str]] = lambda: None
 
 
 @dataclass

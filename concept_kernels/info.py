@@ -62,7 +62,8 @@ def report() -> str:
             for b in _backends.backends_of(op):
                 why = _backends.reasons(op, b.name, dev, explicit=True)
                 mark = "*" if b.name == chosen else " "
-                lines.append(f"  {mark} {dev.type:4s} {b.name:9s} {'ok' if not why else 'no: ' + '; '.join(why)}")
+                state = "no: " + "; ".join(why) if why else "ok" + (f" ({b.detail()})" if b.detail() else "")
+                lines.append(f"  {mark} {dev.type:4s} {b.name:9s} {state}")
     lines.append("")
     lines.append("* = what runs for inputs on that device with no backend requested")
     return "\n".join(lines)

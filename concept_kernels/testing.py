@@ -42,6 +42,14 @@ def assert_within_2x(actual: torch.Tensor, baseline: torch.Tensor, exact: torch.
     assert err <= 2.0 * base + floor, f"{name}: error {err:.3e} > 2 x baseline error {base:.3e} + {floor:.1e}"
 
 
+def run_with_grads(f, dout: torch.Tensor, *inputs: torch.Tensor):
+    """(out, *grads): ``f(*inputs)`` on fresh leaf copies of ``inputs``, backward of ``dout``."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = f(*leaves)
+    out.backward(dout)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
 def logit_like_rows(*shape: int, classes: int, hot: int = 3, spike: float = 4.0,
                     generator: Optional[torch.Generator] = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """L2-normalised rows that look like classifier logits: noise plus a few large classes.

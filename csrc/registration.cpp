@@ -53,6 +53,13 @@ TORCH_LIBRARY(concept_kernels, m) {
         "float eps, int max_iter, float tol, int stop) -> (Tensor, Tensor)");
   m.def("ot_similarity_bwd(Tensor grad_out, Tensor query, Tensor bank, Tensor index, Tensor aux, "
         "int select) -> Tensor");
+
+  // channel_attention (csrc/channel_attention/; CPU only): the symmetric tile-pair kernel of CAM,
+  // the contract of concept_kernels/ops/channel_attention/function.py (x3 (B, C, N) float32/64).
+  // Autograd lives in Python (the cpu backend of ops/channel_attention/function.py).
+  m.def("channel_attention_symm_fwd(Tensor x3, Tensor gamma) -> (Tensor out, Tensor att, Tensor lse)");
+  m.def("channel_attention_symm_bwd(Tensor dout, Tensor x3, Tensor gamma, Tensor att, Tensor lse) "
+        "-> (Tensor dx, Tensor dgamma)");
 }
 
 extern "C" {

@@ -43,10 +43,6 @@ namespace {
 
 using ot::FwdArgs;
 
-// Workers: the whole per-problem solver inlined into each (flatten). The SIMD width follows the ISA
-// the extension is compiled for (setup.py: -march=native by default).
-#define CK_CPU_WORKER __attribute__((flatten, noinline))
-
 constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
 constexpr int64_t kBlock = 64;   // problems per OpenMP work item (4 lane groups)
 

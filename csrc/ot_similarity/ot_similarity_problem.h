@@ -20,6 +20,7 @@
 // fp32 rounding even after the scalings move them by kTau^2.
 #pragma once
 
+#include "common/fast_math.h"
 #include "common/host_device.h"
 
 #include <cmath>
@@ -39,78 +40,7 @@ constexpr int kSelectSample = 0, kSelectTopk = 1, kSelectCost = 2;
 constexpr int kStopProblem = 0, kStopRow = 1, kStopAll = 2;
 constexpr int kMaxP = 16;  // largest patch count of the fused backends
 
-// ---- elementary functions --------------------------------------------------------------------
-// Host float: branch-free Cephes polynomials (~1 ulp) so that loops over lanes vectorise (glibc's
-// expf/logf are scalar calls). Device and double: the math library.
-
-#if !defined(__CUDA_ARCH__)
-CK_INLINE float bits_to_float(int32_t i) {
-  float f;
-  std::memcpy(&f, &i, sizeof f);
-  return f;
-}
-CK_INLINE int32_t float_to_bits(float f) {
-  int32_t i;
-  std::memcpy(&i, &f, sizeof i);
-  return i;
-}
-
-// The two Cephes polynomial cores, written once for the scalar form below and the SIMD form
-// (ot_similarity_simd.h): T is float or a GCC float vector (vector op float-constant broadcasts).
-// exp: e^r for the reduced argument r in [-ln2/2, ln2/2].
-template <typename T>
-CK_INLINE T expf_poly(T r) {
-  T p = T{} + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  return (p * (r * r) + r) + 1.0f;
-}
-// log: log(x) = log1p(m) + fe ln2 with x = (1 + m) 2^fe, m in [sqrt(1/2) - 1, sqrt(2) - 1].
-template <typename T>
-CK_INLINE T logf_poly(T m, T fe) {
-  const T z = m * m;
-  T y = T{} + 7.0376836292e-2f;
-  y = y * m - 1.1514610310e-1f;
-  y = y * m + 1.1676998740e-1f;
-  y = y * m - 1.2420140846e-1f;
-  y = y * m + 1.4249322787e-1f;
-  y = y * m - 1.6668057665e-1f;
-  y = y * m + 2.0000714765e-1f;
-  y = y * m - 2.4999993993e-1f;
-  y = y * m + 3.3333331174e-1f;
-  y = y * m * z;
-  y += fe * -2.12194440e-4f;
-  y += -0.5f * z;
-  return (m + y) + fe * 0.693359375f;
-}
-
-// exp(x), flushed to 0 below -87.33 (no denormals), clamped at 88.3.
-CK_INLINE float fast_expf(float x) {
-  const bool under = x < -87.33f;
-  x = x < -87.33f ? -87.33f : (x > 88.3f ? 88.3f : x);
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest, |t| < 2^22
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float y = expf_poly(r);
-  const float scale = bits_to_float((static_cast<int32_t>(n) + 127) << 23);
-  return under ? 0.0f : y * scale;
-}
-
-// log(x) for positive normal x (callers guarantee it).
-CK_INLINE float fast_logf(float x) {
-  const int32_t bits = float_to_bits(x);
-  const int32_t e = ((bits >> 23) & 0xff) - 126;  // x = m 2^e, m in [0.5, 1)
-  float m = bits_to_float((bits & 0x007fffff) | 0x3f000000);
-  const bool small = m < 0.707106781186547524f;
-  const float fe = static_cast<float>(small ? e - 1 : e);
-  m = small ? (m + m) - 1.0f : m - 1.0f;
-  return logf_poly(m, fe);
-}
-#endif
+// ---- elementary functions: host float uses common/fast_math.h (Cephes polynomials) ----------
 
 CK_HOST_DEVICE CK_INLINE float ck_exp(float x) {
 #if defined(__CUDA_ARCH__)

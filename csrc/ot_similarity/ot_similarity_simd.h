@@ -1,8 +1,8 @@
 // SIMD form (host only) of the per-problem Sinkhorn of ot_similarity_problem.h: the same math,
 // update for update (same stabilisation thresholds, same absorption and log-domain fallbacks), with
 // the lanes of a P x P plan held in GCC vector types (vector_size) so that every hot loop is
-// explicit SIMD whatever the auto-vectoriser decides. MAXP = 8 or 16 lanes: with x86-64-v4
-// (AVX-512) a 16-float row is one zmm register; with v3 (AVX2) or the baseline, wider-than-hardware
+// explicit SIMD whatever the auto-vectoriser decides. MAXP = 8 or 16 lanes: with AVX-512
+// a 16-float row is one zmm register; with AVX2 or the baseline, wider-than-hardware
 // vectors are split by the compiler (correct, slower). Rows C[i] (lanes j) and their transposes
 // CT[j] (lanes i) let both half steps run over contiguous lanes: s = sum_j KT[j] v_j,
 // t = sum_i K[i] u_i. Sums use two partial chains / trees where the scalar form sums in one chain,
@@ -16,122 +16,15 @@
 #error "ot_similarity_simd.h is host-only (GCC vector extensions); CUDA uses ot_similarity_problem.h"
 #endif
 
+#include "common/simd.h"
 #include "ot_similarity/ot_similarity_problem.h"
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
-// Vectors wider than the baseline ISA are passed in memory between non-inlined functions; every
-// function here is inlined into the workers (flatten), so the ABI note does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
-
 namespace concept_kernels {
 namespace ot {
-
-template <typename T, int N>
-struct Vec;
-template <int N>
-struct Vec<float, N> {
-  typedef float type __attribute__((vector_size(N * sizeof(float))));
-  typedef int32_t itype __attribute__((vector_size(N * sizeof(float))));
-};
-template <int N>
-struct Vec<double, N> {
-  typedef double type __attribute__((vector_size(N * sizeof(double))));
-  typedef int64_t itype __attribute__((vector_size(N * sizeof(double))));
-};
-
-template <typename V, typename T>
-inline V splat(T x) {
-  return V{} + x;
-}
-
-// m ? a : b lane-wise with bitwise operations (GCC lowers the vector ?: of wider-than-hardware
-// vectors lane by lane; and/or stay SIMD).
-template <typename V, typename VI>
-inline V sel(VI m, V a, V b) {
-  return (V)(((VI)a & m) | ((VI)b & ~m));  // vector casts reinterpret the bits in registers
-}
-
-// Horizontal min / max of the N lanes: halve in registers (memcpy of a half is a lane extract).
-template <typename T, int N>
-struct Horizontal {
-  using V = typename Vec<T, N>::type;
-  using H = typename Vec<T, N / 2>::type;
-  static void halves(V v, H& lo, H& hi) {
-    std::memcpy(&lo, &v, sizeof lo);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof lo, sizeof hi);
-  }
-  static T min(V v) {
-    H lo, hi;
-    halves(v, lo, hi);
-    return Horizontal<T, N / 2>::min(lo < hi ? lo : hi);
-  }
-  static T max(V v) {
-    H lo, hi;
-    halves(v, lo, hi);
-    return Horizontal<T, N / 2>::max(lo > hi ? lo : hi);
-  }
-  static T sum(V v) {
-    H lo, hi;
-    halves(v, lo, hi);
-    return Horizontal<T, N / 2>::sum(lo + hi);
-  }
-};
-template <typename T>
-struct Horizontal<T, 4> {
-  static T sum(typename Vec<T, 4>::type v) { return (v[0] + v[2]) + (v[1] + v[3]); }
-  using V = typename Vec<T, 4>::type;
-  static T min(V v) {
-    const T a = v[0] < v[1] ? v[0] : v[1], b = v[2] < v[3] ? v[2] : v[3];
-    return a < b ? a : b;
-  }
-  static T max(V v) {
-    const T a = v[0] > v[1] ? v[0] : v[1], b = v[2] > v[3] ? v[2] : v[3];
-    return a > b ? a : b;
-  }
-};
-
-// exp / log on a whole vector: float lanes with the Cephes polynomials of fast_expf / fast_logf
-// (bitwise the same results lane by lane), double lanes with the math library.
-template <typename V, typename VI>
-inline V vexp(V x, float) {
-  const VI under = x < -87.33f;
-  x = sel<V, VI>(under, splat<V>(-87.33f), x);
-  x = sel<V, VI>(x > 88.3f, splat<V>(88.3f), x);
-  const V t = x * 1.44269504088896341f;
-  const V n = (t + 12582912.0f) - 12582912.0f;
-  V r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const V y = expf_poly(r);
-  const VI e = (__builtin_convertvector(n, VI) + 127) << 23;
-  const V res = y * (V)e;
-  return sel<V, VI>(under, V{}, res);
-}
-template <typename V, typename VI>
-inline V vlog(V x, float) {
-  const VI bits = (VI)x;
-  const VI e = ((bits >> 23) & 0xff) - 126;
-  V m = (V)((bits & 0x007fffff) | 0x3f000000);
-  const VI small = m < 0.707106781186547524f;
-  const V fe = __builtin_convertvector(e + small, V);  // small lanes are -1: e - 1
-  m = sel<V, VI>(small, m + m, m) - 1.0f;
-  return logf_poly(m, fe);
-}
-template <typename V, typename VI>
-inline V vexp(V x, double) {
-  constexpr int N = sizeof(V) / sizeof(double);
-  for (int l = 0; l < N; ++l) x[l] = std::exp(x[l]);
-  return x;
-}
-template <typename V, typename VI>
-inline V vlog(V x, double) {
-  constexpr int N = sizeof(V) / sizeof(double);
-  for (int l = 0; l < N; ++l) x[l] = std::log(x[l]);
-  return x;
-}
 
 // FIXP > 0: P is known at compile time (= FIXP; the launcher specialises P = 9, the method's 3x3
 // patch grid) so that loops over rows unroll exactly; FIXP = 0: runtime P.

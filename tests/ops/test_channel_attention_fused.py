@@ -10,7 +10,7 @@ import concept_kernels as ck
 from concept_kernels import _backends
 from concept_kernels.ops.channel_attention import function as fn
 from concept_kernels.ops.channel_attention.reference import channel_attention_ref
-from concept_kernels.testing import assert_close, assert_within_2x, feature_map
+from concept_kernels.testing import assert_close, assert_within_2x, feature_map, run_with_grads
 
 BACKENDS = ["cpu", "triton"]
 # (B, C, H, W): N = 49 with a ragged channel block, N = 4 (patch maps) with two full blocks,
@@ -31,11 +31,7 @@ def _case(shape, dtype, seed=0):
 
 
 def _run(f, x, gamma, dout):
-    x = x.detach().clone().requires_grad_(True)
-    gamma = gamma.detach().clone().requires_grad_(True)
-    out = f(x, gamma)
-    out.backward(dout)
-    return out.detach(), x.grad, gamma.grad
+    return run_with_grads(f, dout, x, gamma)
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -8,16 +8,19 @@ import torch
 from ... import _backends
 from ..._checks import check_same_device
 from .._common import check_feature_map, check_gamma
+from . import cpu_impl
 from .function import channel_attention_fused
 from .reference import channel_attention_ref
 
 OP = "channel_attention"
 
 # Priority order: triton (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1 and explicitly),
-# cpu (PyTorch's CPU flash kernel, CPU tensors), reference (anything) last.
+# cpu (CPU tensors: the C++ symmetric kernel, or PyTorch's CPU flash op when CONCEPT_KERNELS_CAM_CPU=aten;
+# unavailable without the extension unless that is set), reference (anything) last.
 _backends.register(OP, _backends.Backend("triton", impl="triton", available=_backends.triton_missing,
                                          unsupported=_backends.triton_unsupported))
-_backends.register(OP, _backends.Backend("cpu", impl="cpu", unsupported=_backends.cpu_only))
+_backends.register(OP, _backends.Backend("cpu", impl="cpu", available=cpu_impl.unavailable,
+                                         unsupported=_backends.cpu_only, detail=cpu_impl.describe))
 _backends.register(OP, _backends.Backend("reference", impl=channel_attention_ref))
 
 
@@ -39,8 +42,10 @@ def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional
             energies reach the hundreds and TF32 perturbs them by 0.1-1. Ignored by other backends.
 
     Backends (auto order): ``triton`` (CUDA tensors: flash-style fused kernel, saves O and the
-    per-row logsumexp, backward recomputes), ``cpu`` (CPU tensors: PyTorch's CPU flash-attention
-    kernel with q = -X, k = v = X, fused residual/backward epilogue), ``reference`` (eager DANet
+    per-row logsumexp, backward recomputes), ``cpu`` (CPU tensors: C++ kernel that walks each pair
+    of 32-channel tiles once, since S = -X Xᵀ is symmetric: 1.5 GEMMs per tile forward, 3.5
+    backward, against flash attention's 2 and 5; needs the extension, or
+    ``CONCEPT_KERNELS_CAM_CPU=aten`` for PyTorch's CPU flash kernel), ``reference`` (eager DANet
     form, builds B x C x C). The fused backends share one autograd (function.py) and never build
     a C x C buffer. Low precision (fp16/bf16) is opt-in by passing such inputs; it is held to the
     2x error rule, not to fp32 tolerances.
