@@ -57,6 +57,8 @@ class ConceptTuner(nn.Module):
         latent_dim: IB latent size.
         bn_momentum: if set, the momentum of every backbone batch norm (timm's tf_* ports use 0.01,
             too slow for running stats to follow a few hundred fine-tuning steps; torch's default 0.1).
+        channels_last: run the backbones in channels-last memory format (oneDNN's fast path on
+            CPU: ~1.5x faster steps for lite0, and the grouped batch norm needs no copies).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, image_size: Tuple[int, int], *,
@@ -64,7 +66,8 @@ class ConceptTuner(nn.Module):
                  num_confusing: Optional[int] = None, queue_len: int = 40, momentum: float = 0.999,
                  temperature: float = 0.07, patch_pixels: Optional[int] = None, w_img: float = 1.0,
                  w_con: float = 1.0, w_ce_ib: float = 1.0, w_kl: float = 5e-3,
-                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: Optional[float] = None) -> None:
+                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: Optional[float] = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -72,12 +75,14 @@ class ConceptTuner(nn.Module):
             raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r}")
         self.method, self.patch_mode, self.num_classes = method, patch_mode, num_classes
         self.image_size = tuple(int(s) for s in image_size)
-        self.backbone = backbone
+        self.backbone, self.channels_last = backbone, False
         if bn_momentum is not None:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = bn_momentum
         C, h, w = self._probe_features()
+        if channels_last:
+            self.backbone, self.channels_last = backbone.to(memory_format=torch.channels_last), True
         self.feature_size = (h, w)
         self.head = nn.Linear(C, num_classes)
         nn.init.normal_(self.head.weight, 0.0, 0.01)
@@ -127,9 +132,10 @@ class ConceptTuner(nn.Module):
                              "(B, C, h, w) feature map (CNNs; ViT-style token outputs are not supported)")
         return f.shape[1], f.shape[2], f.shape[3]
 
-    @staticmethod
-    def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, h, w) feature map."""
+    def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) feature map (input made channels-last if ``channels_last``)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         fn = getattr(backbone, "forward_features", None)
         return fn(x) if callable(fn) else backbone(x)
 
@@ -168,7 +174,7 @@ class ConceptTuner(nn.Module):
         logits = self.head(f0.mean((2, 3)))
         out["ce"] = F.cross_entropy(logits, labels)
         if self.method == "concept":
-            ib_logits, mu, sigma = self.ib(f0)
+            ib_logits, mu, sigma = self.ib(f0.contiguous())  # the attention kernels prefer NCHW
             out["ce_ib"] = F.cross_entropy(ib_logits, labels)
             out["kl"] = ck.information_bottleneck_kl(mu, sigma)
         if self.method in ("concept", "bituning"):
@@ -204,9 +210,8 @@ class ConceptTuner(nn.Module):
                                 nn.ModuleList([self.backbone, self.head]), self.momentum)
             if concept and image_mode:  # views 1 and 3 in one pass, BN statistics per view
                 with grouped_batch_norm(2):
-                    fk, yk = self._key_pass(torch.stack([views[1], views[3]], 1).flatten(0, 1))
-                fk, yk = fk.unflatten(0, (B, 2)), yk.unflatten(0, (B, 2))
-                f1, y1, f3, y3 = fk[:, 0], yk[:, 0], fk[:, 1], yk[:, 1]
+                    fk, yk = self._key_pass(torch.cat([views[1], views[3]]))
+                (f1, f3), (y1, y3) = fk.chunk(2), yk.chunk(2)
                 boxes_k, _ = self._search(f3, y3, labels, self.key_head.weight)
                 zk_p = self._image_patches(self.key_backbone, self.key_head, views[3], boxes_k, B)
             else:
@@ -225,14 +230,15 @@ class ConceptTuner(nn.Module):
         return out
 
     def _image_patches(self, backbone, head, view, boxes, B) -> torch.Tensor:
-        """(B, P, Cls) unit rows: crops (B*P, 3, S, S) of ``view`` through ``backbone`` in one pass with
-        per-position BN statistics (= the published P passes with momentum 0), GAP, and the head's
-        weights detached (the head gets no gradient from L_con). The IB branch is skipped."""
-        crops = roi_align(view, boxes, (self.patch_pixels, self.patch_pixels))
-        with grouped_batch_norm(self.num_patches):
+        """(B, P, Cls) unit rows: crops (P*B, 3, S, S) of ``view``, position-major, through ``backbone``
+        in one pass with per-position BN statistics (= the published P passes with momentum 0), GAP,
+        and the head's weights detached (the head gets no gradient from L_con). The IB branch is skipped."""
+        P = self.num_patches
+        crops = roi_align(view, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
+        with grouped_batch_norm(P):
             h = self.features(backbone, crops).mean((2, 3))
         z = F.linear(h, head.weight.detach(), head.bias.detach())
-        return F.normalize(z, dim=1).view(B, self.num_patches, -1)
+        return F.normalize(z, dim=1).view(P, B, -1).transpose(0, 1)
 
     def _roi_patches(self, fmap, head, boxes, B) -> torch.Tensor:
         """Fast patches (B, P, Cls): RoIAlign (2x2 output, scale 1/stride, adaptive sampling) of the
@@ -254,5 +260,5 @@ class ConceptTuner(nn.Module):
         f = self.features(self.backbone, x)
         out = {"main": self.head(f.mean((2, 3)))}
         if self.ib is not None:
-            out["ib"] = self.ib(f)[0]
+            out["ib"] = self.ib(f.contiguous())[0]
         return out

@@ -4,7 +4,7 @@
   (``F.grid_sample``), since torchvision's compiled ops do not load next to the CPU torch.
 * :func:`grouped_batch_norm`: a context manager under which every batch norm that normalises with
   batch statistics computes them per group of the batch and leaves the running stats alone. For a
-  sample-major batch of B*P patches this is exactly the published P separate passes with BN
+  position-major batch of P*B patches this is exactly the published P separate passes with BN
   momentum 0, in one pass.
 """
 from __future__ import annotations
@@ -63,18 +63,47 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: Tuple[int, int]
     return out
 
 
+class _GroupBatchNorm(torch.autograd.Function):
+    """Batch norm of ``x`` (G, M, C) with statistics per (g, c) over M; weight/bias (C,) shared.
+
+    Each group is one call of ATen's native batch-norm kernels on the contiguous (M, C) slice,
+    written in place into one output (forward and backward), so there is no cat or layout copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        G, _, C = x.shape
+        out, mean, invstd = torch.empty_like(x), x.new_empty(G, C), x.new_empty(G, C)
+        for g in range(G):
+            torch.ops.aten._native_batch_norm_legit.no_stats_out(
+                x[g], weight, bias, True, 0.0, eps, out=out[g], save_mean=mean[g], save_invstd=invstd[g])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.eps = eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        dy, mask = dy.contiguous(), [bool(m) for m in ctx.needs_input_grad[:3]]
+        dx, dw, db = torch.empty_like(x), x.new_empty(mean.shape), x.new_empty(mean.shape)
+        for g in range(x.shape[0]):
+            torch.ops.aten.native_batch_norm_backward.out(
+                dy[g], x[g], weight, None, None, mean[g], invstd[g], True, ctx.eps, mask, out0=dx[g], out1=dw[g], out2=db[g])
+        return dx if mask[0] else None, dw.sum(0) if mask[1] else None, db.sum(0) if mask[2] else None, None
+
+
 @contextmanager
 def grouped_batch_norm(groups: int) -> Iterator[None]:
     """Batch norms in batch-statistics mode use per-group statistics; running stats stay as they are.
 
-    The batch must be sample-major with ``groups`` consecutive entries per sample: (B*G, C, ...)
-    where entry b*G + g belongs to group g (as the (B*P) patch crops of
-    ``search_concept_patches`` are). Group g is normalised with the mean/var of its B entries:
-    identical to G separate passes in train mode with BN momentum 0 (running stats untouched;
-    ``num_batches_tracked`` still counts, as in the published momentum-0 passes). Batch norms
-    that use running stats (eval mode) are unaffected. It works by swapping
-    ``torch.nn.functional.batch_norm`` while the block runs (not thread-safe), which catches
-    ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
+    The batch must be group-major: (G*B, C, ...) where entries g*B .. g*B + B - 1 form group g (as
+    ``torch.cat`` of G batches, or the patch crops of :meth:`ConceptTuner._image_patches`). Group g is
+    normalised with the mean/var of its B entries: identical to G separate passes in train mode with
+    BN momentum 0 (running stats untouched; ``num_batches_tracked`` still counts, as in the
+    published momentum-0 passes). Batch norms that use running stats (eval mode) are unaffected.
+    One fused autograd op per layer; channels-last inputs are normalised in place of layout (no
+    copies), others are copied once. It works by swapping ``torch.nn.functional.batch_norm`` while
+    the block runs (not thread-safe), which catches ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
     """
     original = F.batch_norm
 
@@ -82,13 +111,13 @@ def grouped_batch_norm(groups: int) -> Iterator[None]:
                    momentum=0.1, eps=1e-5):
         if not (training or running_mean is None):
             return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        n, c = input.shape[:2]
-        if n % groups:
-            raise ValueError(f"grouped_batch_norm({groups}): batch {n} is not a multiple of the group count")
-        x = input.reshape(n // groups, groups * c, *input.shape[2:])  # a view: groups become channels
-        w = None if weight is None else weight.repeat(groups)
-        b = None if bias is None else bias.repeat(groups)
-        return original(x, None, None, w, b, True, 0.0, eps).reshape(input.shape)
+        if input.shape[0] % groups:
+            raise ValueError(f"grouped_batch_norm({groups}): batch {input.shape[0]} is not a multiple of the group count")
+        last = input.movedim(1, -1)  # (N, ..., C): a view of a channels-last tensor
+        x = last.reshape(groups, -1, input.shape[1])
+        y = _GroupBatchNorm.apply(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, weight, bias, eps)
+        out = y.to(input.dtype).view(last.shape).movedim(-1, 1)
+        return out if input.dim() < 3 or last.is_contiguous() else out.contiguous()
 
     torch.nn.functional.batch_norm = batch_norm
     try:
