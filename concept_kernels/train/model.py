@@ -35,6 +35,23 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+class _NCHW(torch.autograd.Function):
+    """Identity that hands a channels-last map to the attention kernels as NCHW (they prefer it) and
+    returns its gradient channels-last, so the backbone's backward stays on oneDNN's fast path."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.contiguous()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
+def _nchw(x: torch.Tensor) -> torch.Tensor:
+    return _NCHW.apply(x) if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else x
+
+
 class ConceptTuner(nn.Module):
     """A classifier on ``backbone`` trained with Concept-Tuning or a baseline.
 
@@ -174,7 +191,7 @@ class ConceptTuner(nn.Module):
         logits = self.head(f0.mean((2, 3)))
         out["ce"] = F.cross_entropy(logits, labels)
         if self.method == "concept":
-            ib_logits, mu, sigma = self.ib(f0.contiguous())  # the attention kernels prefer NCHW
+            ib_logits, mu, sigma = self.ib(_nchw(f0))
             out["ce_ib"] = F.cross_entropy(ib_logits, labels)
             out["kl"] = ck.information_bottleneck_kl(mu, sigma)
         if self.method in ("concept", "bituning"):
@@ -208,17 +225,14 @@ class ConceptTuner(nn.Module):
         with torch.no_grad():
             ck.momentum_update_(nn.ModuleList([self.key_backbone, self.key_head]),
                                 nn.ModuleList([self.backbone, self.head]), self.momentum)
-            if concept and image_mode:  # views 1 and 3 in one pass, BN statistics per view
-                with grouped_batch_norm(2):
-                    fk, yk = self._key_pass(torch.cat([views[1], views[3]]))
-                (f1, f3), (y1, y3) = fk.chunk(2), yk.chunk(2)
+            f1, y1 = self._key_pass(views[1])  # views 1 and 3: separate passes, as published (and faster
+            if concept and image_mode:          # on CPU than one pass with per-view BN statistics)
+                f3, y3 = self._key_pass(views[3])
                 boxes_k, _ = self._search(f3, y3, labels, self.key_head.weight)
                 zk_p = self._image_patches(self.key_backbone, self.key_head, views[3], boxes_k, B)
-            else:
-                f1, y1 = self._key_pass(views[1])
-                if concept:
-                    boxes_k, _ = self._search(f1, y1, labels, self.key_head.weight)
-                    zk_p = self._roi_patches(f1, self.key_head, boxes_k, B)
+            elif concept:
+                boxes_k, _ = self._search(f1, y1, labels, self.key_head.weight)
+                zk_p = self._roi_patches(f1, self.key_head, boxes_k, B)
             z_k = F.normalize(y1, dim=1)
         queue_z, queue_h = self.queues.snapshot()
         out = dict(img=ck.image_contrastive_loss(z_q, z_k, queue_z, labels, temperature=self.temperature))
