@@ -64,19 +64,19 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: Tuple[int, int]
 
 
 class _GroupBatchNorm(torch.autograd.Function):
-    """Batch norm of ``x`` (G, M, C) with statistics per (g, c) over M; weight/bias (C,) shared.
+    """Batch norm of ``x`` (G*B, C, ...) with statistics per group of B consecutive entries.
 
-    Each group is one call of ATen's native batch-norm kernels on the contiguous (M, C) slice,
-    written in place into one output (forward and backward), so there is no cat or layout copy.
+    Each group is a contiguous slice of the batch (in NCHW and in channels-last alike), normalised by
+    one call of ATen's native batch-norm kernel that writes into the matching slice of one output
+    with ``x``'s own strides (forward and backward): no cat and no layout copy.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        G, _, C = x.shape
-        out, mean, invstd = torch.empty_like(x), x.new_empty(G, C), x.new_empty(G, C)
-        for g in range(G):
+    def forward(ctx, x, weight, bias, eps, groups):
+        out, mean, invstd = torch.empty_like(x), x.new_empty(groups, x.shape[1]), x.new_empty(groups, x.shape[1])
+        for g, (xg, og) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
             torch.ops.aten._native_batch_norm_legit.no_stats_out(
-                x[g], weight, bias, True, 0.0, eps, out=out[g], save_mean=mean[g], save_invstd=invstd[g])
+                xg, weight, bias, True, 0.0, eps, out=og, save_mean=mean[g], save_invstd=invstd[g])
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.eps = eps
         return out
@@ -84,12 +84,18 @@ class _GroupBatchNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        dy, mask = dy.contiguous(), [bool(m) for m in ctx.needs_input_grad[:3]]
+        groups, mask = mean.shape[0], [bool(m) for m in ctx.needs_input_grad[:3]]
         dx, dw, db = torch.empty_like(x), x.new_empty(mean.shape), x.new_empty(mean.shape)
-        for g in range(x.shape[0]):
+        for g, (dyg, xg, dxg) in enumerate(zip(dy.contiguous(memory_format=_layout(x)).chunk(groups),
+                                               x.chunk(groups), dx.chunk(groups))):
             torch.ops.aten.native_batch_norm_backward.out(
-                dy[g], x[g], weight, None, None, mean[g], invstd[g], True, ctx.eps, mask, out0=dx[g], out1=dw[g], out2=db[g])
-        return dx if mask[0] else None, dw.sum(0) if mask[1] else None, db.sum(0) if mask[2] else None, None
+                dyg, xg, weight, None, None, mean[g], invstd[g], True, ctx.eps, mask, out0=dxg, out1=dw[g], out2=db[g])
+        return dx if mask[0] else None, dw.sum(0) if mask[1] else None, db.sum(0) if mask[2] else None, None, None
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 @contextmanager
@@ -97,13 +103,12 @@ def grouped_batch_norm(groups: int) -> Iterator[None]:
     """Batch norms in batch-statistics mode use per-group statistics; running stats stay as they are.
 
     The batch must be group-major: (G*B, C, ...) where entries g*B .. g*B + B - 1 form group g (as
-    ``torch.cat`` of G batches, or the patch crops of :meth:`ConceptTuner._image_patches`). Group g is
+    ``torch.cat`` of G batches, or the patch crops of ``ConceptTuner._image_patches``). Group g is
     normalised with the mean/var of its B entries: identical to G separate passes in train mode with
     BN momentum 0 (running stats untouched; ``num_batches_tracked`` still counts, as in the
-    published momentum-0 passes). Batch norms that use running stats (eval mode) are unaffected.
-    One fused autograd op per layer; channels-last inputs are normalised in place of layout (no
-    copies), others are copied once. It works by swapping ``torch.nn.functional.batch_norm`` while
-    the block runs (not thread-safe), which catches ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
+    published momentum-0 passes), in one autograd op per layer. Batch norms that use running stats
+    (eval mode) are unaffected. It works by swapping ``torch.nn.functional.batch_norm`` while the
+    block runs (not thread-safe), which catches ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
     """
     original = F.batch_norm
 
@@ -113,11 +118,7 @@ def grouped_batch_norm(groups: int) -> Iterator[None]:
             return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
         if input.shape[0] % groups:
             raise ValueError(f"grouped_batch_norm({groups}): batch {input.shape[0]} is not a multiple of the group count")
-        last = input.movedim(1, -1)  # (N, ..., C): a view of a channels-last tensor
-        x = last.reshape(groups, -1, input.shape[1])
-        y = _GroupBatchNorm.apply(x.float() if x.dtype in (torch.float16, torch.bfloat16) else x, weight, bias, eps)
-        out = y.to(input.dtype).view(last.shape).movedim(-1, 1)
-        return out if input.dim() < 3 or last.is_contiguous() else out.contiguous()
+        return _GroupBatchNorm.apply(input.contiguous(memory_format=_layout(input)), weight, bias, eps, groups)
 
     torch.nn.functional.batch_norm = batch_norm
     try:

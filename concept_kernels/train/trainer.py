@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -250,7 +251,7 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                              state=dict(state), history=history, rng=rngs, config=_config_dict(cfg)), ckpt_path)
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         from tqdm.auto import tqdm
 
@@ -316,12 +317,6 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return history
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _config_dict(cfg: Config) -> dict:
