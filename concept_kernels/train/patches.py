@@ -66,9 +66,11 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: Tuple[int, int]
 class _GroupBatchNorm(torch.autograd.Function):
     """Batch norm of ``x`` (G*B, C, ...) with statistics per group of B consecutive entries.
 
-    Each group is a contiguous slice of the batch (in NCHW and in channels-last alike), normalised by
-    one call of ATen's native batch-norm kernel that writes into the matching slice of one output
-    with ``x``'s own strides (forward and backward): no cat and no layout copy.
+    Forward: each group is a contiguous slice of the batch (NCHW and channels-last alike), normalised
+    by one call of ATen's native batch-norm kernel writing into the matching slice of one output
+    with ``x``'s own strides. Backward: all groups at once on the (G, M, C) view of channels-last
+    data (M = B*H*W), with xhat = (x - mean) * invstd:
+    dx = w * invstd * (dy - mean_M(dy) - xhat * mean_M(dy * xhat)), dw = sum dy * xhat, db = sum dy.
     """
 
     @staticmethod
@@ -78,19 +80,22 @@ class _GroupBatchNorm(torch.autograd.Function):
             torch.ops.aten._native_batch_norm_legit.no_stats_out(
                 xg, weight, bias, True, 0.0, eps, out=og, save_mean=mean[g], save_invstd=invstd[g])
         ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.eps = eps
         return out
 
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean, invstd = ctx.saved_tensors
-        groups, mask = mean.shape[0], [bool(m) for m in ctx.needs_input_grad[:3]]
-        dx, dw, db = torch.empty_like(x), x.new_empty(mean.shape), x.new_empty(mean.shape)
-        for g, (dyg, xg, dxg) in enumerate(zip(dy.contiguous(memory_format=_layout(x)).chunk(groups),
-                                               x.chunk(groups), dx.chunk(groups))):
-            torch.ops.aten.native_batch_norm_backward.out(
-                dyg, xg, weight, None, None, mean[g], invstd[g], True, ctx.eps, mask, out0=dxg, out1=dw[g], out2=db[g])
-        return dx if mask[0] else None, dw.sum(0) if mask[1] else None, db.sum(0) if mask[2] else None, None, None
+        (G, C), last = mean.shape, x.movedim(1, -1)  # (N, ..., C): a view of channels-last data
+        xv, dyv = last.reshape(G, -1, C), dy.movedim(1, -1).reshape(G, -1, C)
+        mean, invstd = mean[:, None], invstd[:, None]
+        s_dy = dyv.sum(1, keepdim=True)
+        s_dyxhat = ((dyv * xv).sum(1, keepdim=True) - mean * s_dy) * invstd
+        a = invstd if weight is None else invstd * weight
+        coef = a * invstd * s_dyxhat / xv.shape[1]
+        dx = torch.addcmul(coef * mean - a * s_dy / xv.shape[1], dyv, a).addcmul_(xv, coef, value=-1)
+        dw = s_dyxhat.sum((0, 1)) if ctx.needs_input_grad[1] else None
+        db = s_dy.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return dx.view(last.shape).movedim(-1, 1), dw, db, None, None
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
