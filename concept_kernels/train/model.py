@@ -52,6 +52,11 @@ def _nchw(x: torch.Tensor) -> torch.Tensor:
     return _NCHW.apply(x) if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else x
 
 
+def _embed(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Patch embedding: unit-norm logits of a detached copy of the head (L_con gives the head no gradient)."""
+    return F.normalize(F.linear(h, head.weight.detach(), head.bias.detach()), dim=1)
+
+
 class ConceptTuner(nn.Module):
     """A classifier on ``backbone`` trained with Concept-Tuning or a baseline.
 
@@ -171,6 +176,11 @@ class ConceptTuner(nn.Module):
             groups.insert(0, dict(params=bb, lr=lr * backbone_mult, name="backbone"))
         return groups
 
+    @property
+    def num_views(self) -> int:
+        """Views a step uses: 4 for concept (image mode), 2 for concept (roi) and bituning, else 1."""
+        return {"concept": 4 if self.patch_mode == "image" else 2, "bituning": 2}.get(self.method, 1)
+
     # ---- training step ------------------------------------------------------------------------
     def forward(self, views, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.step(views, labels)
@@ -182,9 +192,8 @@ class ConceptTuner(nn.Module):
         Side effects (concept/bituning): EMA of the key encoder and enqueue of this step's keys
         (all-gathered over ranks under torch.distributed, so every rank holds the same queues).
         """
-        need = {"concept": 4 if self.patch_mode == "image" else 2, "bituning": 2}.get(self.method, 1)
-        if len(views) < need:
-            raise ValueError(f"method {self.method!r} needs {need} views, got {len(views)}")
+        if len(views) < self.num_views:
+            raise ValueError(f"method {self.method!r} needs {self.num_views} views, got {len(views)}")
         zero = views[0].new_zeros(())
         out = dict(img=zero, con=zero, ce_ib=zero, kl=zero)
         f0 = self.features(self.backbone, views[0])
@@ -251,8 +260,7 @@ class ConceptTuner(nn.Module):
         crops = roi_align(view, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
         with grouped_batch_norm(P):
             h = self.features(backbone, crops).mean((2, 3))
-        z = F.linear(h, head.weight.detach(), head.bias.detach())
-        return F.normalize(z, dim=1).view(P, B, -1).transpose(0, 1)
+        return _embed(h, head).view(P, B, -1).transpose(0, 1)
 
     def _roi_patches(self, fmap, head, boxes, B) -> torch.Tensor:
         """Fast patches (B, P, Cls): RoIAlign (2x2 output, scale 1/stride, adaptive sampling) of the
@@ -260,8 +268,7 @@ class ConceptTuner(nn.Module):
         then the detached head. NOT equivalent to image mode: the features see the whole image."""
         sy, _ = feature_stride(self.image_size, self.feature_size)
         h = roi_align(fmap, boxes, (2, 2), spatial_scale=1.0 / sy).mean((2, 3))
-        z = F.linear(h, head.weight.detach(), head.bias.detach())
-        return F.normalize(z, dim=1).view(B, self.num_patches, -1)
+        return _embed(h, head).view(B, self.num_patches, -1)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
