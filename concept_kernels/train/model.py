@@ -35,23 +35,6 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-class _NCHW(torch.autograd.Function):
-    """Identity that hands a channels-last map to the attention kernels as NCHW (they prefer it) and
-    returns its gradient channels-last, so the backbone's backward stays on oneDNN's fast path."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.contiguous()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.contiguous(memory_format=torch.channels_last)
-
-
-def _nchw(x: torch.Tensor) -> torch.Tensor:
-    return _NCHW.apply(x) if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else x
-
-
 def _embed(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
     """Patch embedding: unit-norm logits of a detached copy of the head (L_con gives the head no gradient)."""
     return F.normalize(F.linear(h, head.weight.detach(), head.bias.detach()), dim=1)
@@ -200,7 +183,7 @@ class ConceptTuner(nn.Module):
         logits = self.head(f0.mean((2, 3)))
         out["ce"] = F.cross_entropy(logits, labels)
         if self.method == "concept":
-            ib_logits, mu, sigma = self.ib(_nchw(f0))
+            ib_logits, mu, sigma = self.ib(f0.contiguous())  # the attention kernels take NCHW
             out["ce_ib"] = F.cross_entropy(ib_logits, labels)
             out["kl"] = ck.information_bottleneck_kl(mu, sigma)
         if self.method in ("concept", "bituning"):
