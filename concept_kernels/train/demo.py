@@ -1,28 +1,21 @@
 """``python -m concept_kernels.train.demo`` (``make demo``): vanilla fine-tuning vs Concept-Tuning.
 
 Fine-tunes the ImageNet-pretrained EfficientNet-Lite0 (offline weights, through timm) on few-shot
-sklearn digits (10 images per class, 8x8 grey upsampled to RGB: a real shift from ImageNet), once
-with vanilla fine-tuning and once with Concept-Tuning (published "image" patch mode), evaluates
-both heads on the first 400 images of the fixed 899-image test half after every epoch, prints a table and saves
-``accuracy.png`` (plus each run's metrics.jsonl / checkpoint) under ``--out``.
+sklearn digits (10 images per class, 8x8 grey upsampled to RGB: a real shift from ImageNet) with
+vanilla fine-tuning and with Concept-Tuning ("image" patch mode), evaluates both heads on the first
+400 test images after every epoch, prints a table and saves ``accuracy.png`` under ``--out``.
 
-Why this configuration (budget: <= 10 min, aim ~5, on a 2-core CPU):
+Why this configuration (budget: <= 10 min on a 2-core CPU):
 
-* 96 px inputs: lite0's stride-32 map is 3x3, the smallest map on which the 9 concept patches can
-  land in different cells (at 64 px it is 2x2 and boxes degenerate); 224 px would be ~5x slower.
-* 9 patches per image as published, boxes 64 px (2x stride) resampled to 24 px crops
-  (``patch_pixels``): the crop side barely changes the step time on CPU (measured 2.2 s at 16 px,
-  2.6 s at 32 px, batch 16), the per-layer cost of 144 tiny images dominates.
-* batch 20, 8 epochs of 5 steps: 100 training images; 400 test images per evaluation (evaluating
-  all 899 each epoch took ~30 s per epoch on the busy machine, more than the training); N_conf = 9 = Cls - 1 (as the published
-  CUB command, 199 = Cls - 1); queue K = 10 (a class is seen ~10 times per epoch, so the random
-  initial keys are gone after one epoch; the published K = 40 would keep them for 4 of the 8 epochs).
-* lr 0.05 for the heads, 0.005 for the backbone (x0.1 as published), cosine schedule: few steps.
-* backbone BN momentum 0.1 (``Config.bn_momentum``): timm's tf_* port uses 0.01, and after 15
-  steps the running stats were still mostly ImageNet's (test accuracy 0.15; 0.59 after
-  re-estimating the stats on the training images).
-* one torch thread when the machine is already busy (load average >= cores): on the shared
-  2-core machine, 2 OpenMP threads per process were ~10x slower than 1.
+* 96 px: lite0's stride-32 map is 3x3, the smallest on which the 9 patches land in different cells.
+* 9 patches as published, 64-px boxes resampled to 24-px crops (``patch_pixels``): a box holds at
+  most 6x6 of the 8x8 source pixels, so 24 px still oversamples it 4x, at 1/4.6 the FLOPs of 64 px.
+* batch 20, 8 epochs of 5 steps; N_conf = 9 = Cls - 1 (as the published CUB command, 199 = Cls - 1);
+  K = 10 (a class is seen ~10 times per epoch, so the random initial keys leave after one epoch).
+* lr 0.05 for the heads, 0.005 for the backbone (x0.1 as published), cosine schedule.
+* backbone BN momentum 0.1 (timm's tf_* port uses 0.01: after 15 steps the running stats were still
+  mostly ImageNet's, test accuracy 0.15; 0.59 after re-estimating them on the training images).
+* one torch thread when the machine is busy (load >= cores): 2 threads per process were ~10x slower.
 """
 from __future__ import annotations
 

@@ -35,6 +35,11 @@ def _gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def _embed(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+    """Patch embedding: unit-norm logits of a detached copy of the head (L_con gives the head no gradient)."""
+    return F.normalize(F.linear(h, head.weight.detach(), head.bias.detach()), dim=1)
+
+
 class ConceptTuner(nn.Module):
     """A classifier on ``backbone`` trained with Concept-Tuning or a baseline.
 
@@ -57,6 +62,8 @@ class ConceptTuner(nn.Module):
         latent_dim: IB latent size.
         bn_momentum: if set, the momentum of every backbone batch norm (timm's tf_* ports use 0.01,
             too slow for running stats to follow a few hundred fine-tuning steps; torch's default 0.1).
+        channels_last: run the backbones in channels-last memory format (oneDNN's fast path on
+            CPU: ~1.5x faster steps for lite0, and the grouped batch norm needs no copies).
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, image_size: Tuple[int, int], *,
@@ -64,7 +71,8 @@ class ConceptTuner(nn.Module):
                  num_confusing: Optional[int] = None, queue_len: int = 40, momentum: float = 0.999,
                  temperature: float = 0.07, patch_pixels: Optional[int] = None, w_img: float = 1.0,
                  w_con: float = 1.0, w_ce_ib: float = 1.0, w_kl: float = 5e-3,
-                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: Optional[float] = None) -> None:
+                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: Optional[float] = None,
+                 channels_last: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -72,12 +80,14 @@ class ConceptTuner(nn.Module):
             raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r}")
         self.method, self.patch_mode, self.num_classes = method, patch_mode, num_classes
         self.image_size = tuple(int(s) for s in image_size)
-        self.backbone = backbone
+        self.backbone, self.channels_last = backbone, False
         if bn_momentum is not None:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.momentum = bn_momentum
         C, h, w = self._probe_features()
+        if channels_last:
+            self.backbone, self.channels_last = backbone.to(memory_format=torch.channels_last), True
         self.feature_size = (h, w)
         self.head = nn.Linear(C, num_classes)
         nn.init.normal_(self.head.weight, 0.0, 0.01)
@@ -127,9 +137,10 @@ class ConceptTuner(nn.Module):
                              "(B, C, h, w) feature map (CNNs; ViT-style token outputs are not supported)")
         return f.shape[1], f.shape[2], f.shape[3]
 
-    @staticmethod
-    def features(backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, h, w) feature map."""
+    def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, C, h, w) feature map (input made channels-last if ``channels_last``)."""
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         fn = getattr(backbone, "forward_features", None)
         return fn(x) if callable(fn) else backbone(x)
 
@@ -148,6 +159,11 @@ class ConceptTuner(nn.Module):
             groups.insert(0, dict(params=bb, lr=lr * backbone_mult, name="backbone"))
         return groups
 
+    @property
+    def num_views(self) -> int:
+        """Views a step uses: 4 for concept (image mode), 2 for concept (roi) and bituning, else 1."""
+        return {"concept": 4 if self.patch_mode == "image" else 2, "bituning": 2}.get(self.method, 1)
+
     # ---- training step ------------------------------------------------------------------------
     def forward(self, views, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.step(views, labels)
@@ -159,16 +175,15 @@ class ConceptTuner(nn.Module):
         Side effects (concept/bituning): EMA of the key encoder and enqueue of this step's keys
         (all-gathered over ranks under torch.distributed, so every rank holds the same queues).
         """
-        need = {"concept": 4 if self.patch_mode == "image" else 2, "bituning": 2}.get(self.method, 1)
-        if len(views) < need:
-            raise ValueError(f"method {self.method!r} needs {need} views, got {len(views)}")
+        if len(views) < self.num_views:
+            raise ValueError(f"method {self.method!r} needs {self.num_views} views, got {len(views)}")
         zero = views[0].new_zeros(())
         out = dict(img=zero, con=zero, ce_ib=zero, kl=zero)
         f0 = self.features(self.backbone, views[0])
         logits = self.head(f0.mean((2, 3)))
         out["ce"] = F.cross_entropy(logits, labels)
         if self.method == "concept":
-            ib_logits, mu, sigma = self.ib(f0)
+            ib_logits, mu, sigma = self.ib(f0.contiguous())  # the attention kernels take NCHW
             out["ce_ib"] = F.cross_entropy(ib_logits, labels)
             out["kl"] = ck.information_bottleneck_kl(mu, sigma)
         if self.method in ("concept", "bituning"):
@@ -202,18 +217,14 @@ class ConceptTuner(nn.Module):
         with torch.no_grad():
             ck.momentum_update_(nn.ModuleList([self.key_backbone, self.key_head]),
                                 nn.ModuleList([self.backbone, self.head]), self.momentum)
-            if concept and image_mode:  # views 1 and 3 in one pass, BN statistics per view
-                with grouped_batch_norm(2):
-                    fk, yk = self._key_pass(torch.stack([views[1], views[3]], 1).flatten(0, 1))
-                fk, yk = fk.unflatten(0, (B, 2)), yk.unflatten(0, (B, 2))
-                f1, y1, f3, y3 = fk[:, 0], yk[:, 0], fk[:, 1], yk[:, 1]
+            f1, y1 = self._key_pass(views[1])  # views 1 and 3: separate passes, as published (and faster
+            if concept and image_mode:          # on CPU than one pass with per-view BN statistics)
+                f3, y3 = self._key_pass(views[3])
                 boxes_k, _ = self._search(f3, y3, labels, self.key_head.weight)
                 zk_p = self._image_patches(self.key_backbone, self.key_head, views[3], boxes_k, B)
-            else:
-                f1, y1 = self._key_pass(views[1])
-                if concept:
-                    boxes_k, _ = self._search(f1, y1, labels, self.key_head.weight)
-                    zk_p = self._roi_patches(f1, self.key_head, boxes_k, B)
+            elif concept:
+                boxes_k, _ = self._search(f1, y1, labels, self.key_head.weight)
+                zk_p = self._roi_patches(f1, self.key_head, boxes_k, B)
             z_k = F.normalize(y1, dim=1)
         queue_z, queue_h = self.queues.snapshot()
         out = dict(img=ck.image_contrastive_loss(z_q, z_k, queue_z, labels, temperature=self.temperature))
@@ -225,14 +236,14 @@ class ConceptTuner(nn.Module):
         return out
 
     def _image_patches(self, backbone, head, view, boxes, B) -> torch.Tensor:
-        """(B, P, Cls) unit rows: crops (B*P, 3, S, S) of ``view`` through ``backbone`` in one pass with
-        per-position BN statistics (= the published P passes with momentum 0), GAP, and the head's
-        weights detached (the head gets no gradient from L_con). The IB branch is skipped."""
-        crops = roi_align(view, boxes, (self.patch_pixels, self.patch_pixels))
-        with grouped_batch_norm(self.num_patches):
+        """(B, P, Cls) unit rows: crops (P*B, 3, S, S) of ``view``, position-major, through ``backbone``
+        in one pass with per-position BN statistics (= the published P passes with momentum 0), GAP,
+        and the head's weights detached (the head gets no gradient from L_con). The IB branch is skipped."""
+        P = self.num_patches
+        crops = roi_align(view, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
+        with grouped_batch_norm(P):
             h = self.features(backbone, crops).mean((2, 3))
-        z = F.linear(h, head.weight.detach(), head.bias.detach())
-        return F.normalize(z, dim=1).view(B, self.num_patches, -1)
+        return _embed(h, head).view(P, B, -1).transpose(0, 1)
 
     def _roi_patches(self, fmap, head, boxes, B) -> torch.Tensor:
         """Fast patches (B, P, Cls): RoIAlign (2x2 output, scale 1/stride, adaptive sampling) of the
@@ -240,8 +251,7 @@ class ConceptTuner(nn.Module):
         then the detached head. NOT equivalent to image mode: the features see the whole image."""
         sy, _ = feature_stride(self.image_size, self.feature_size)
         h = roi_align(fmap, boxes, (2, 2), spatial_scale=1.0 / sy).mean((2, 3))
-        z = F.linear(h, head.weight.detach(), head.bias.detach())
-        return F.normalize(z, dim=1).view(B, self.num_patches, -1)
+        return _embed(h, head).view(B, self.num_patches, -1)
 
     # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
@@ -254,5 +264,5 @@ class ConceptTuner(nn.Module):
         f = self.features(self.backbone, x)
         out = {"main": self.head(f.mean((2, 3)))}
         if self.ib is not None:
-            out["ib"] = self.ib(f)[0]
+            out["ib"] = self.ib(f.contiguous())[0]
         return out

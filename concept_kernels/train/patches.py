@@ -4,7 +4,7 @@
   (``F.grid_sample``), since torchvision's compiled ops do not load next to the CPU torch.
 * :func:`grouped_batch_norm`: a context manager under which every batch norm that normalises with
   batch statistics computes them per group of the batch and leaves the running stats alone. For a
-  sample-major batch of B*P patches this is exactly the published P separate passes with BN
+  position-major batch of P*B patches this is exactly the published P separate passes with BN
   momentum 0, in one pass.
 """
 from __future__ import annotations
@@ -63,18 +63,57 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: Tuple[int, int]
     return out
 
 
+class _GroupBatchNorm(torch.autograd.Function):
+    """Batch norm of ``x`` (G*B, C, ...) with statistics per group of B consecutive entries.
+
+    Forward: each group is a contiguous slice of the batch (NCHW and channels-last alike), normalised
+    by one call of ATen's native batch-norm kernel writing into the matching slice of one output
+    with ``x``'s own strides. Backward: all groups at once on the (G, M, C) view of channels-last
+    data (M = B*H*W), with xhat = (x - mean) * invstd:
+    dx = w * invstd * (dy - mean_M(dy) - xhat * mean_M(dy * xhat)), dw = sum dy * xhat, db = sum dy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, groups):
+        out, mean, invstd = torch.empty_like(x), x.new_empty(groups, x.shape[1]), x.new_empty(groups, x.shape[1])
+        for g, (xg, og) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
+            torch.ops.aten._native_batch_norm_legit.no_stats_out(
+                xg, weight, bias, True, 0.0, eps, out=og, save_mean=mean[g], save_invstd=invstd[g])
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        (G, C), last = mean.shape, x.movedim(1, -1)  # (N, ..., C): a view of channels-last data
+        xv, dyv = last.reshape(G, -1, C), dy.movedim(1, -1).reshape(G, -1, C)
+        mean, invstd = mean[:, None], invstd[:, None]
+        s_dy = dyv.sum(1, keepdim=True)
+        s_dyxhat = ((dyv * xv).sum(1, keepdim=True) - mean * s_dy) * invstd
+        a = invstd if weight is None else invstd * weight
+        coef = a * invstd * s_dyxhat / xv.shape[1]
+        dx = torch.addcmul(coef * mean - a * s_dy / xv.shape[1], dyv, a).addcmul_(xv, coef, value=-1)
+        dw = s_dyxhat.sum((0, 1)) if ctx.needs_input_grad[1] else None
+        db = s_dy.sum((0, 1)) if ctx.needs_input_grad[2] else None
+        return dx.view(last.shape).movedim(-1, 1), dw, db, None, None
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 @contextmanager
 def grouped_batch_norm(groups: int) -> Iterator[None]:
     """Batch norms in batch-statistics mode use per-group statistics; running stats stay as they are.
 
-    The batch must be sample-major with ``groups`` consecutive entries per sample: (B*G, C, ...)
-    where entry b*G + g belongs to group g (as the (B*P) patch crops of
-    ``search_concept_patches`` are). Group g is normalised with the mean/var of its B entries:
-    identical to G separate passes in train mode with BN momentum 0 (running stats untouched;
-    ``num_batches_tracked`` still counts, as in the published momentum-0 passes). Batch norms
-    that use running stats (eval mode) are unaffected. It works by swapping
-    ``torch.nn.functional.batch_norm`` while the block runs (not thread-safe), which catches
-    ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
+    The batch must be group-major: (G*B, C, ...) where entries g*B .. g*B + B - 1 form group g (as
+    ``torch.cat`` of G batches, or the patch crops of ``ConceptTuner._image_patches``). Group g is
+    normalised with the mean/var of its B entries: identical to G separate passes in train mode with
+    BN momentum 0 (running stats untouched; ``num_batches_tracked`` still counts, as in the
+    published momentum-0 passes), in one autograd op per layer. Batch norms that use running stats
+    (eval mode) are unaffected. It works by swapping ``torch.nn.functional.batch_norm`` while the
+    block runs (not thread-safe), which catches ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
     """
     original = F.batch_norm
 
@@ -82,13 +121,9 @@ def grouped_batch_norm(groups: int) -> Iterator[None]:
                    momentum=0.1, eps=1e-5):
         if not (training or running_mean is None):
             return original(input, running_mean, running_var, weight, bias, training, momentum, eps)
-        n, c = input.shape[:2]
-        if n % groups:
-            raise ValueError(f"grouped_batch_norm({groups}): batch {n} is not a multiple of the group count")
-        x = input.reshape(n // groups, groups * c, *input.shape[2:])  # a view: groups become channels
-        w = None if weight is None else weight.repeat(groups)
-        b = None if bias is None else bias.repeat(groups)
-        return original(x, None, None, w, b, True, 0.0, eps).reshape(input.shape)
+        if input.shape[0] % groups:
+            raise ValueError(f"grouped_batch_norm({groups}): batch {input.shape[0]} is not a multiple of the group count")
+        return _GroupBatchNorm.apply(input.contiguous(memory_format=_layout(input)), weight, bias, eps, groups)
 
     torch.nn.functional.batch_norm = batch_norm
     try:

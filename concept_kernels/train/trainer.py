@@ -13,6 +13,7 @@ import json
 import os
 import random
 import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -230,7 +231,6 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
     steps = cfg.iters_per_epoch or len(train_set) // per_step
     if steps < 1:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch ({cfg.batch_size} x {world} ranks)")
-    num_views = {"concept": 4 if cfg.patch_mode == "image" else 2, "bituning": 2}.get(cfg.method, 1)
     interrupted = {"n": 0}
 
     def on_sigint(signum, frame):
@@ -250,7 +250,7 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
             save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                              state=dict(state), history=history, rng=rngs, config=_config_dict(cfg)), ckpt_path)
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if _main_thread() else None
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
     try:
         from tqdm.auto import tqdm
 
@@ -268,7 +268,7 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
                 s = state["step_in_epoch"]
                 x, y = _batch(train_set, order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size])
                 x, y = x.to(device), y.to(device)
-                views = make_views(x, cfg.image_size, num_views, hflip, min_crop)
+                views = make_views(x, cfg.image_size, model.num_views, hflip, min_crop)
                 with torch.autocast("cuda", torch.bfloat16, enabled=cfg.amp):
                     res = net(views, y)
                 opt.zero_grad(set_to_none=True)
@@ -316,12 +316,6 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return history
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 def _config_dict(cfg: Config) -> dict:

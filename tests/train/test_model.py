@@ -74,42 +74,42 @@ def test_bad_inputs(tiny_net):
 
 @pytest.mark.parametrize("mode", ["image", "roi"])
 def test_fused_ops_match_reference(tiny_net, monkeypatch, mode):
-    """3 SGD steps with whatever backends auto picks vs CONCEPT_KERNELS_BACKEND=reference: same losses.
+    """3 SGD steps with whatever backends auto picks; before each, a twin takes the same parameters,
+    queues, key encoder and RNG state and runs the same step with CONCEPT_KERNELS_BACKEND=reference.
 
     The test compares whatever auto selects (today: the cpu backends of all three ops), so it bites
-    whenever a backend lands or changes. Tolerances:
+    whenever a backend lands or changes. Tolerances, per step:
 
-    * step 0, every part except L_con: 1e-4 (same parameters, same inputs; fp32 reorderings only);
-    * every step and part: rtol 0.15. ot_similarity's top-k selection is discontinuous, and
-      patches that land in the same feature cell give exactly tied plan entries whose order the
-      backends break differently (measured: 1-8 of 72 OT problems per call select different
-      pairs, L_con off by up to 9% at step 0 in roi mode; the parameters then drift apart).
+    * every part except L_con (and the total): 1e-4 (same parameters, same inputs; fp32 reorderings);
+    * L_con and the total: rtol 0.1. ot_similarity's top-k selection is discontinuous, and patches
+      that land in the same feature cell give exactly tied plan entries whose order the backends
+      break differently (measured: L_con off by up to 3% on seeds 0-4). Comparing free-running
+      trajectories instead amplifies one such flip chaotically (up to 30% after 3 steps at this lr).
       A wrong backend is far outside this (the losses are O(1-10)).
     """
     auto = {op: _backends.select(op, torch.device("cpu")).name for op in _backends.ops()}
-    losses = {}
-    for which in ("auto", "reference"):
-        if which == "reference":
-            monkeypatch.setenv("CONCEPT_KERNELS_BACKEND", "reference")
-        torch.manual_seed(0)
-        net = _tuner(tiny_net, patch_mode=mode)
-        with torch.no_grad():  # make the attention branch contribute, and spread the patch embeddings
-            net.ib.encoder[0].sa.gamma.fill_(0.5)   # (a near-constant cost matrix makes near-ties in the
-            net.ib.encoder[0].sc.gamma.fill_(0.5)   # plan's top-k, whose order backends may break differently)
-            net.head.weight.normal_(0.0, 1.0)
-        opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
-        data = torch.Generator().manual_seed(1)
-        rows = []
-        for _ in range(3):
-            views = torch.randn(4, 6, 3, 32, 32, generator=data)
-            labels = torch.randint(5, (6,), generator=data)
-            out = net.step(views, labels)
-            opt.zero_grad()
-            out["loss"].backward()
-            opt.step()
-            rows.append(torch.stack([out[k].detach() for k in PARTS]))
-        losses[which] = torch.stack(rows)
-    a, r = losses["auto"], losses["reference"]
-    no_con = [i for i, k in enumerate(PARTS) if k not in ("loss", "con")]
-    torch.testing.assert_close(a[0, no_con], r[0, no_con], atol=1e-4, rtol=1e-4, msg=lambda m: f"step 0, {auto}: {m}")
-    torch.testing.assert_close(a, r, atol=1e-3, rtol=0.15, msg=lambda m: f"backends {auto}: {m}")
+    torch.manual_seed(0)
+    net, twin = _tuner(tiny_net, patch_mode=mode), _tuner(tiny_net, patch_mode=mode)
+    with torch.no_grad():  # make the attention branch contribute, and spread the patch embeddings
+        net.ib.encoder[0].sa.gamma.fill_(0.5)   # (a near-constant cost matrix makes near-ties in the
+        net.ib.encoder[0].sc.gamma.fill_(0.5)   # plan's top-k, whose order backends may break differently)
+        net.head.weight.normal_(0.0, 1.0)
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    data = torch.Generator().manual_seed(1)
+    for step in range(3):
+        views, labels = torch.randn(4, 6, 3, 32, 32, generator=data), torch.randint(5, (6,), generator=data)
+        twin.load_state_dict(net.state_dict())
+        rng = torch.get_rng_state()
+        monkeypatch.setenv("CONCEPT_KERNELS_BACKEND", "reference")
+        ref = twin.step(views, labels)
+        monkeypatch.delenv("CONCEPT_KERNELS_BACKEND")
+        torch.set_rng_state(rng)
+        out = net.step(views, labels)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+        a, r = (torch.stack([o[k].detach() for k in PARTS]) for o in (out, ref))
+        exact = [i for i, k in enumerate(PARTS) if k not in ("loss", "con")]
+        msg = lambda m: f"step {step}, backends {auto}: {m}"  # noqa: E731
+        torch.testing.assert_close(a[exact], r[exact], atol=1e-4, rtol=1e-4, msg=msg)
+        torch.testing.assert_close(a, r, atol=1e-3, rtol=0.1, msg=msg)
