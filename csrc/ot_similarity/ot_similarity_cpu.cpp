@@ -62,20 +62,26 @@ inline void solve_range(const FwdArgs<T>& A, const int64_t* order, int64_t n0, i
 template <int FIXP>
 inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int64_t n0, int64_t n1) {
   using S = ot::SinkhornLanes<FIXP>;
-  S s;
-  s.setup(A.P, A.eps);
-  for (int64_t g = n0; g < n1; g += S::NL) {
-    const int used = static_cast<int>(std::min<int64_t>(S::NL, n1 - g));
+  constexpr int64_t NL = S::NL;
+  S s[2];  // two groups in flight (S::solve_pair)
+  for (S& x : s) x.setup(A.P, A.eps);
+  for (int64_t g = n0; g < n1; g += 2 * NL) {
     // the problems come in bank-row order: their index and outputs are scattered
-    for (int64_t n = g + 2 * S::NL; n < std::min(n1, g + 3 * S::NL); ++n) __builtin_prefetch(A.index + order[n]);
-    for (int64_t n = g + S::NL; n < std::min(n1, g + 2 * S::NL); ++n) {
+    for (int64_t n = g + 4 * NL; n < std::min(n1, g + 6 * NL); ++n) __builtin_prefetch(A.index + order[n]);
+    for (int64_t n = g + 2 * NL; n < std::min(n1, g + 4 * NL); ++n) {
       const int64_t p = order[n];
       __builtin_prefetch(A.out + p * A.kk, 1);
       if (A.aux_idx != nullptr) __builtin_prefetch(A.aux_idx + p * A.kk, 1);
     }
-    s.load_costs(A, order + g, used);
-    s.solve(A.max_iter, A.tol);
-    s.write_outputs(A, order + g, used);
+    int used[2];
+    for (int h = 0; h < 2; ++h) {
+      used[h] = static_cast<int>(std::clamp<int64_t>(n1 - (g + h * NL), 0, NL));
+      if (used[h] > 0) s[h].load_costs(A, order + g + h * NL, used[h]);
+      else s[h].load_costs(A, order + g, 0);  // no problems: every lane idle
+    }
+    S::solve_pair(s[0], s[1], A.max_iter, A.tol);
+    for (int h = 0; h < 2; ++h)
+      if (used[h] > 0) s[h].write_outputs(A, order + g + h * NL, used[h]);
   }
 }
 CK_CPU_WORKER void solve_lanes_p9(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {

@@ -295,12 +295,22 @@ struct SinkhornLanes {
     kvalid &= ~m;
   }
 
-  // Iterate the live lanes to their own stop (err < tol after an iteration) or max_iter.
-  void solve(int max_iter, float tol) {
-    for (int it = 0; it < max_iter && any(live); ++it) {
-      const VI stop = f_step(tol);
-      g_step();
-      live &= ~stop;
+  // One iteration of the live lanes; a lane stops after the iteration whose err < tol.
+  void iterate(float tol) {
+    const VI stop = f_step(tol);
+    g_step();
+    live &= ~stop;
+  }
+  bool running() const { return any(live); }
+
+  // Iterate two groups to their lanes' own stops or max_iter. Stepping them alternately lets the
+  // out-of-order core overlap their dependency chains (a half step waits for the previous one).
+  static void solve_pair(SinkhornLanes& x, SinkhornLanes& y, int max_iter, float tol) {
+    for (int it = 0; it < max_iter; ++it) {
+      const bool rx = x.running(), ry = y.running();
+      if (!rx && !ry) break;
+      if (rx) x.iterate(tol);
+      if (ry) y.iterate(tol);
     }
   }
 
