@@ -41,7 +41,10 @@ def report() -> str:
                  f"(CUDA build: {torch.version.cuda or 'no'}), triton {_version('triton')}")
     lines.append(f"threads: torch {torch.get_num_threads()}, OpenMP in _C {_ext.omp_max_threads() or '-'}")
     if _ext.HAS_EXT:
-        lines.append(f"extension concept_kernels._C: built (CPU kernels; CUDA kernels: {'yes' if _ext.ext_has_cuda() else 'no'})")
+        arch = [f for f in _ext.build_info().get("cxx_flags", []) if f.startswith("-march=")]
+        target = arch[0] if arch else "the compiler's default -march"
+        lines.append(f"extension concept_kernels._C: built (CPU kernels for {target}; "
+                     f"CUDA kernels: {'yes' if _ext.ext_has_cuda() else 'no'})")
     else:
         lines.append(f"extension concept_kernels._C: NOT available: {_ext.EXT_ERROR}")
     lines.append(f"GPU: {_gpu_line()}")
