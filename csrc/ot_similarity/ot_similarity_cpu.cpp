@@ -343,7 +343,9 @@ void run_fwd(FwdArgs<T> A, const at::Tensor& query, const at::Tensor& bank, int 
   if constexpr (std::is_same_v<T, float>) {
     const SolveFn lanes = lanes_solver(T(), A.P);
     if (stop == ot::kStopProblem && lanes != nullptr) {
-      if (dense && !ro.start.empty()) return solve_fused(A, ro, R, lanes);
+      // (the lanes gather a chunk's similarities with int32 offsets, below max(2^16, P * B*P))
+      const bool int32_ok = A.P * row_gemm::padded(A.B * A.P) < (int64_t(1) << 30);
+      if (dense && !ro.start.empty() && int32_ok) return solve_fused(A, ro, R, lanes);
       parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { lanes(A, ro.order.data(), a, b); });
       return;
     }
