@@ -255,6 +255,21 @@ def test_patch_counts(P, dtype):
 
 
 @needs_ext
+def test_many_chunks_of_bank_rows():
+    """The float forward works in chunks of bank rows (about 256 problems each, its own GEMM and
+    lane groups); 1,500 problems over 5 queries (B*P = 45 columns, padded) span several chunks,
+    and bank rows no problem uses (the upper half) are skipped. Selections are checked against the
+    float64 reference plan, the costs against the float64 reference."""
+    q, b, i = ot_problem(5, 300, 400, dim=24, seed=23, dtype=torch.float32)
+    i = i % 200  # rows 200..399 unused
+    out, aux = _fwd(q, b, i, "topk", 5)
+    _check_selection(out, aux, q, b, i, k=5)
+    got = ck.ot_similarity(q, b, i, select="cost", backend="cpu")
+    ref = ck.ot_similarity(q.double(), b.double(), i, select="cost", backend="reference")
+    assert (got.double() - ref).abs().max() < 3e-4
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_costs_from_the_gemm_and_from_dot_products_agree(dtype):
     """A bank about as large as the sets per query (R <= 2M) takes its costs from one GEMM of every
