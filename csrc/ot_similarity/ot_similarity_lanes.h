@@ -1,7 +1,8 @@
 // Lane form (host only, float) of the per-problem Sinkhorn of ot_similarity_problem.h: NL problems
 // at once, ONE PROBLEM PER SIMD LANE (NL = 8 below). Entry (i, j) of the NL cost matrices is one
-// vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal reductions, and
-// the exp/log work of the rare log-domain steps runs on full vectors. Same math, update for update,
+// vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal
+// reductions, and the exp/log work of the rare log-domain steps runs on full vectors. Same math,
+// update for update,
 // as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
 // lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
 // log-domain path for that lane only (computed for the vector, blended into the lanes that need
