@@ -44,6 +44,7 @@ namespace {
 using ot::FwdArgs;
 
 constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
+constexpr int kGroupsInFlight = 4;  // lane groups stepped in turn (their chains overlap)
 constexpr int64_t kBlock = 64;   // problems per OpenMP work item (4 lane groups)
 
 // ---- workers: one range of problems each (templates on the solver, instantiated below) -------
@@ -62,25 +63,24 @@ inline void solve_range(const FwdArgs<T>& A, const int64_t* order, int64_t n0, i
 template <int FIXP>
 inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int64_t n0, int64_t n1) {
   using S = ot::SinkhornLanes<FIXP>;
-  constexpr int64_t NL = S::NL;
-  S s[2];  // two groups in flight (S::solve_pair)
+  constexpr int64_t NL = S::NL, G = kGroupsInFlight;
+  S s[G];
   for (S& x : s) x.setup(A.P, A.eps);
-  for (int64_t g = n0; g < n1; g += 2 * NL) {
+  for (int64_t g = n0; g < n1; g += G * NL) {
     // the problems come in bank-row order: their index and outputs are scattered
-    for (int64_t n = g + 4 * NL; n < std::min(n1, g + 6 * NL); ++n) __builtin_prefetch(A.index + order[n]);
-    for (int64_t n = g + 2 * NL; n < std::min(n1, g + 4 * NL); ++n) {
+    for (int64_t n = g + 2 * G * NL; n < std::min(n1, g + 3 * G * NL); ++n) __builtin_prefetch(A.index + order[n]);
+    for (int64_t n = g + G * NL; n < std::min(n1, g + 2 * G * NL); ++n) {
       const int64_t p = order[n];
       __builtin_prefetch(A.out + p * A.kk, 1);
       if (A.aux_idx != nullptr) __builtin_prefetch(A.aux_idx + p * A.kk, 1);
     }
-    int used[2];
-    for (int h = 0; h < 2; ++h) {
+    int used[G];
+    for (int h = 0; h < G; ++h) {
       used[h] = static_cast<int>(std::clamp<int64_t>(n1 - (g + h * NL), 0, NL));
-      if (used[h] > 0) s[h].load_costs(A, order + g + h * NL, used[h]);
-      else s[h].load_costs(A, order + g, 0);  // no problems: every lane idle
+      s[h].load_costs(A, order + g + (used[h] > 0 ? h * NL : 0), used[h]);  // used 0: every lane idle
     }
-    S::solve_pair(s[0], s[1], A.max_iter, A.tol);
-    for (int h = 0; h < 2; ++h)
+    S::template solve_groups<G>(s, A.max_iter, A.tol);
+    for (int h = 0; h < G; ++h)
       if (used[h] > 0) s[h].write_outputs(A, order + g + h * NL, used[h]);
   }
 }

@@ -304,14 +304,15 @@ struct SinkhornLanes {
   }
   bool running() const { return any(live); }
 
-  // Iterate two groups to their lanes' own stops or max_iter. Stepping them alternately lets the
+  // Iterate G groups to their lanes' own stops or max_iter. Stepping them in turn lets the
   // out-of-order core overlap their dependency chains (a half step waits for the previous one).
-  static void solve_pair(SinkhornLanes& x, SinkhornLanes& y, int max_iter, float tol) {
+  template <int G>
+  static void solve_groups(SinkhornLanes* x, int max_iter, float tol) {
     for (int it = 0; it < max_iter; ++it) {
-      const bool rx = x.running(), ry = y.running();
-      if (!rx && !ry) break;
-      if (rx) x.iterate(tol);
-      if (ry) y.iterate(tol);
+      bool any_running = false;
+      for (int h = 0; h < G; ++h)
+        if (x[h].running()) x[h].iterate(tol), any_running = true;
+      if (!any_running) break;
     }
   }
 
