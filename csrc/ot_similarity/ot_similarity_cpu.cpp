@@ -79,7 +79,7 @@ inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int
       used[h] = static_cast<int>(std::clamp<int64_t>(n1 - (g + h * NL), 0, NL));
       s[h].load_costs(A, order + g + (used[h] > 0 ? h * NL : 0), used[h]);  // used 0: every lane idle
     }
-    S::template solve_groups<G>(s, A.max_iter, A.tol);
+    S::template iterate_groups<G>(s, A.max_iter, A.tol);
     for (int h = 0; h < G; ++h)
       if (used[h] > 0) s[h].write_outputs(A, order + g + h * NL, used[h]);
   }

@@ -307,7 +307,7 @@ struct SinkhornLanes {
   // Iterate G groups to their lanes' own stops or max_iter. Stepping them in turn lets the
   // out-of-order core overlap their dependency chains (a half step waits for the previous one).
   template <int G>
-  static void solve_groups(SinkhornLanes* x, int max_iter, float tol) {
+  static void iterate_groups(SinkhornLanes* x, int max_iter, float tol) {
     for (int it = 0; it < max_iter; ++it) {
       bool any_running = false;
       for (int h = 0; h < G; ++h)
