@@ -1,8 +1,8 @@
-// CPU launchers of ot_similarity (docs/OT_BACKEND_CONTRACT.md): OpenMP over problems, the per-problem
-// math of ot_similarity_problem.h (the code the CUDA launcher runs), SIMD over the plan's lanes.
+// CPU forward of ot_similarity (docs/OT_BACKEND_CONTRACT.md; the backward is ot_similarity_bwd_cpu.cpp):
+// OpenMP over problems, the per-problem math of ot_similarity_problem.h (the code the CUDA launcher
+// runs), SIMD over the plan's lanes.
 //
 //   fwd(query, bank, index, choice, select, k, eps, max_iter, tol, stop) -> (out, aux)
-//   bwd(grad_out, query, bank, index, aux, select) -> grad_query
 //
 // SIMD: float stop=problem (the hot path) runs one problem per SIMD lane (ot_similarity_lanes.h);
 // the other cases run one problem at a time over fixed-size lane arrays (ot_similarity_simd.h).
@@ -15,6 +15,7 @@
 // the chunk's start for exactly that many iterations (deterministic: same code, same state).
 #include "ot_similarity/ot_similarity_host.h"
 #include "ot_similarity/ot_similarity_lanes.h"
+#include "ot_similarity/ot_similarity_order.h"
 #include "ot_similarity/ot_similarity_problem.h"
 #include "ot_similarity/ot_similarity_simd.h"
 
@@ -42,6 +43,8 @@ namespace concept_kernels {
 namespace {
 
 using ot::FwdArgs;
+using ot::problem_order;
+using ot::RowOrder;
 
 constexpr int kChunk = 8;        // lockstep iterations between group checks (stop = row / all)
 constexpr int kGroupsInFlight = 4;  // lane groups stepped in turn (their chains overlap)
@@ -195,28 +198,6 @@ std::nullptr_t lanes_solver(double, int) { return nullptr; }
 const Workers<double>& workers_for(double, int P) {
   if (use_scalar_solver()) return workers_f64_scalar;
   return P <= 8 ? workers_f64_l8 : workers_f64_l16;
-}
-
-// Problems sorted by bank row (stable: p ascending within a row): counting sort when the bank is
-// not much larger than the number of problems (then start[r] .. start[r + 1] are the positions of
-// row r's problems), else a stable sort (start empty).
-struct RowOrder {
-  std::vector<int64_t> order, start;
-};
-RowOrder problem_order(const int64_t* index, int64_t Q, int64_t R) {
-  RowOrder ro;
-  ro.order.resize(Q);
-  if (R <= 4 * Q + 1024) {
-    ro.start.assign(R + 1, 0);
-    for (int64_t p = 0; p < Q; ++p) ++ro.start[index[p] + 1];
-    for (int64_t r = 0; r < R; ++r) ro.start[r + 1] += ro.start[r];
-    std::vector<int64_t> next(ro.start.begin(), ro.start.end() - 1);
-    for (int64_t p = 0; p < Q; ++p) ro.order[next[index[p]]++] = p;
-  } else {
-    for (int64_t p = 0; p < Q; ++p) ro.order[p] = p;
-    std::stable_sort(ro.order.begin(), ro.order.end(), [&](int64_t x, int64_t y) { return index[x] < index[y]; });
-  }
-  return ro;
 }
 
 // Work items [n0, n1) of at most kBlock problems covering the given ranges.
@@ -380,162 +361,9 @@ std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query
   return {out, aux};
 }
 
-template <typename T>
-struct BwdArgs : ot_host::BwdPtrs<T> {  // go, bank, index, aux_idx, aux_pi, gq
-  const int64_t* order;    // problems in bank-row order
-  const int32_t* order_b;  // their rows b (no division in the loop)
-  int64_t B, M, P, D, kk, select;
-  int64_t ldg;  // row stride of gq (>= D)
-  int32_t row_of[ot::kMaxP * ot::kMaxP], col_of[ot::kMaxP * ot::kMaxP];  // flat e -> (i, j)
-};
-
-constexpr int64_t kAhead = 24;  // problems ahead whose bank row is prefetched (about 3 rows)
-
-// Prefetch the columns [d0, d1) of every patch of bank row r (the next rows' slices are not in
-// any cache: the bank is larger than L2 and walked once per slice).
-template <typename T>
-inline void prefetch_row_slice(const BwdArgs<T>& A, int64_t r, int64_t d0, int64_t d1) {
-  constexpr int64_t kLine = 64 / sizeof(T);
-  const T* y = A.bank + r * A.P * A.D;
-  for (int64_t j = 0; j < A.P; ++j)
-    for (int64_t d = d0; d < d1; d += kLine) __builtin_prefetch(y + j * A.D + d);
-}
-
-// One work item: rows b in [b0, b1) and columns [d0, d1) of grad_query, from their problems in
-// bank-row order.
-template <typename T>
-inline void bwd_slice(const BwdArgs<T>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  const int64_t P = A.P, D = A.D, Q = A.B * A.M;
-  int64_t fetched = -1;
-  for (int64_t n = 0; n < Q; ++n) {
-    if (n + kAhead < Q) {
-      const int64_t r_ahead = A.index[A.order[n + kAhead]];
-      if (r_ahead != fetched) prefetch_row_slice(A, fetched = r_ahead, d0, d1);
-    }
-    if (n + 2 * kAhead < Q) {  // the problems come in bank-row order: their own data is scattered
-      const int64_t pf = A.order[n + 2 * kAhead];
-      __builtin_prefetch(A.index + pf);
-      if (A.select != ot::kSelectCost) {
-        __builtin_prefetch(A.aux_idx + pf * A.kk);
-        __builtin_prefetch(A.go + pf * A.kk);
-      } else {
-        __builtin_prefetch(A.go + pf);
-      }
-    }
-    const int64_t b = A.order_b[n];
-    if (b < b0 || b >= b1) continue;
-    const int64_t p = A.order[n];
-    T* g = A.gq + b * P * A.ldg;
-    const T* Y = A.bank + A.index[p] * P * D;
-    if (A.select == ot::kSelectCost) {
-      const T w = A.go[p];
-      const T* pi = A.aux_pi + p * P * P;
-      for (int64_t i = 0; i < P; ++i)
-        for (int64_t j = 0; j < P; ++j) {
-          const T c = w * pi[i * P + j];
-          T* __restrict__ gi = g + i * A.ldg;
-          const T* __restrict__ yj = Y + j * D;
-          for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
-        }
-    } else {
-      for (int64_t s = 0; s < A.kk; ++s) {
-        const int64_t e = A.aux_idx[p * A.kk + s];
-        const T c = A.go[p * A.kk + s];
-        T* __restrict__ gi = g + A.row_of[e] * A.ldg;
-        const T* __restrict__ yj = Y + A.col_of[e] * D;
-        for (int64_t d = d0; d < d1; ++d) gi[d] += c * yj[d];
-      }
-    }
-  }
-}
-CK_CPU_WORKER void bwd_slice_f32(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_slice(A, b0, b1, d0, d1);
-}
-CK_CPU_WORKER void bwd_slice_f64(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_slice(A, b0, b1, d0, d1);
-}
-inline void bwd_slice_any(const BwdArgs<float>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_slice_f32(A, b0, b1, d0, d1);
-}
-inline void bwd_slice_any(const BwdArgs<double>& A, int64_t b0, int64_t b1, int64_t d0, int64_t d1) {
-  bwd_slice_f64(A, b0, b1, d0, d1);
-}
-
-// grad_query[b, i, :] = sum over the problems p of row b, in bank-row order (problem_order), of the
-// selected entries' grad_out x bank rows. Work items are blocks of rows b (full D; slices of D when
-// there are fewer rows than threads): each output element has one owner and its summation order is
-// "the problems of its row b in bank-row order, then the selected entries (or j) ascending" whatever
-// the blocking and the thread count, so the result is bitwise reproducible (no atomics, no
-// per-thread partial sums). Walking the problems in bank-row order streams the bank (prefetched a
-// few rows ahead); the item's grad_query rows stay in cache. (Blocks of b measured faster than
-// slices of D with 2 threads: a slice's per-entry work repeats per slice.)
-template <typename T>
-void run_bwd(const BwdArgs<T>& A) {
-  constexpr int64_t kAlign = 64 / sizeof(T);
-#ifdef _OPENMP
-  const int64_t threads = omp_get_max_threads();
-#else
-  const int64_t threads = 1;
-#endif
-  const int64_t n_b = std::min(A.B, threads), b_size = (A.B + n_b - 1) / n_b;
-  const int64_t n_d = std::max<int64_t>(1, threads / n_b);
-  const int64_t per = (A.D + n_d - 1) / n_d;
-  const int64_t slice = std::max<int64_t>(kAlign, (per + kAlign - 1) / kAlign * kAlign);
-  const int64_t n_slices = (A.D + slice - 1) / slice, n_items = n_b * n_slices;
-#pragma omp parallel for schedule(static, 1) if (n_items > 1)
-  for (int64_t item = 0; item < n_items; ++item) {
-    const int64_t b0 = (item / n_slices) * b_size, d0 = (item % n_slices) * slice;
-    bwd_slice_any(A, b0, std::min(A.B, b0 + b_size), d0, std::min(A.D, d0 + slice));
-  }
-}
-
-at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
-                                 const at::Tensor& index, const at::Tensor& aux_in, int64_t select) {
-  const ot_host::Shape sh =
-      ot_host::check_bwd_inputs(grad_out_in, query, bank, index, aux_in, select, c10::DeviceType::CPU);
-  const int64_t B = sh.B, P = sh.P, D = sh.D, M = sh.M, kk = sh.kk;
-  const at::Tensor grad_out = grad_out_in.to(query.scalar_type()).contiguous();
-  const at::Tensor aux = aux_in.contiguous();
-  ot_host::check_bwd_aux(grad_out, aux, query, bank, index, sh, select, c10::DeviceType::CPU);
-  at::Tensor gq = ot_host::alloc_bwd_output(query, sh);
-  if (B * M == 0) return gq;
-  const std::vector<int64_t> order = problem_order(index.data_ptr<int64_t>(), B * M, bank.size(0)).order;
-  std::vector<int32_t> order_b(order.size());
-  for (size_t n = 0; n < order.size(); ++n) order_b[n] = static_cast<int32_t>(order[n] / M);
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_bwd_cpu", [&] {
-    BwdArgs<scalar_t> A;
-    static_cast<ot_host::BwdPtrs<scalar_t>&>(A) =
-        ot_host::make_bwd_ptrs<scalar_t>(grad_out, bank, index, aux, gq, select);
-    A.order = order.data();
-    A.order_b = order_b.data();
-    for (int64_t e = 0; e < P * P; ++e) {
-      A.row_of[e] = static_cast<int32_t>(e / P);
-      A.col_of[e] = static_cast<int32_t>(e % P);
-    }
-    A.B = B;
-    A.M = M;
-    A.P = P;
-    A.D = D;
-    A.kk = kk;
-    A.select = select;
-    // accumulate in rows padded to whole cache lines: D = 200 floats puts every other (B, P) row
-    // across cache lines, and the accumulation is bound by its loads and stores of these rows
-    constexpr int64_t kLine = 64 / sizeof(scalar_t);
-    A.ldg = (D + kLine - 1) / kLine * kLine;
-    std::vector<scalar_t> padded(A.ldg == D ? 0 : B * P * A.ldg, scalar_t(0));
-    scalar_t* out = gq.data_ptr<scalar_t>();
-    if (A.ldg != D) A.gq = padded.data();
-    run_bwd(A);
-    if (A.ldg != D)
-      for (int64_t row = 0; row < B * P; ++row) std::copy_n(padded.data() + row * A.ldg, D, out + row * D);
-  });
-  return gq;
-}
-
 }  // namespace
 }  // namespace concept_kernels
 
 TORCH_LIBRARY_IMPL(concept_kernels, CPU, m) {
   m.impl("ot_similarity_fwd", &concept_kernels::ot_similarity_fwd_cpu);
-  m.impl("ot_similarity_bwd", &concept_kernels::ot_similarity_bwd_cpu);
 }

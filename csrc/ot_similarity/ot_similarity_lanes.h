@@ -359,6 +359,57 @@ struct SinkhornLanes {
     }
   }
 
+  // ranked() through each row's two largest entries and its third largest value, for k > 2: the k
+  // largest entries of the plan are prefixes of its rows, so k picks among the rows' heads (a row
+  // advancing to its next entry when picked) find them while no row's third entry is picked. A
+  // lane where it would be (its index is not kept) is returned in the mask for ranked() to redo.
+  // About a third of ranked()'s work for k = 10, P = 9, and no stores; same order (ties: lowest
+  // flat index), a NaN entry never wins, a lane left without entries reports entry 0.
+  VI ranked_by_rows(const V* lp, int k, VI* rank) const {
+    const int p = np();
+    const VI none = VI{} + p * p, unknown = VI{} - 1;
+    const V lowest = V{} - INFINITY;
+    V v1[CAP], v2[CAP], v3[CAP];
+    VI i1[CAP], i2[CAP];
+    for (int i = 0; i < p; ++i) {
+      v1[i] = v2[i] = v3[i] = lowest;
+      i1[i] = i2[i] = none;
+      for (int j = 0; j < p; ++j) {
+        const V x = lp[i * p + j];
+        const VI e = VI{} + (i * p + j), c1 = x > v1[i], c2 = x > v2[i], c3 = x > v3[i];
+        v3[i] = c2 ? v2[i] : (c3 ? x : v3[i]);
+        v2[i] = c1 ? v1[i] : (c2 ? x : v2[i]);
+        i2[i] = c1 ? i1[i] : (c2 ? e : i2[i]);
+        v1[i] = c1 ? x : v1[i];
+        i1[i] = c1 ? e : i1[i];
+      }
+    }
+    VI redo{};
+    for (int r = 0; r < k; ++r) {
+      V best = v1[0];
+      VI row{};
+      for (int i = 1; i < p; ++i) {
+        const VI c = v1[i] > best;
+        best = c ? v1[i] : best;
+        row = c ? VI{} + i : row;
+      }
+      VI win = none;
+      for (int i = 0; i < p; ++i) {  // the winning row advances
+        const VI m = row == i;
+        win = m ? i1[i] : win;
+        v1[i] = m ? v2[i] : v1[i];
+        i1[i] = m ? i2[i] : i1[i];
+        v2[i] = m ? v3[i] : v2[i];
+        i2[i] = m ? unknown : i2[i];
+        v3[i] = m ? lowest : v3[i];
+      }
+      const VI found = best > lowest;
+      redo |= found & (win == unknown);
+      rank[r] = found ? win : VI{};
+    }
+    return redo;
+  }
+
   // Outputs of the solved lanes [0, used), lane l holding problem probs[l] (see write_outputs of
   // ot_similarity_problem.h for the per-problem form). Consumes the state.
   void write_outputs(const FwdArgs<float>& A, const int64_t* probs, int used) {
@@ -386,7 +437,7 @@ struct SinkhornLanes {
       for (int l = 0; l < used; ++l) k = std::max(k, static_cast<int>(A.choice[probs[l]]) + 1);
     }
     VI rank[CAP * CAP];
-    ranked(lp, k, rank);
+    if (k < 3 || any(ranked_by_rows(lp, k, rank))) ranked(lp, k, rank);
     for (int l = 0; l < used; ++l) {
       const int64_t p = probs[l];
       const int r0 = sample ? static_cast<int>(A.choice[p]) : 0, r1 = sample ? r0 + 1 : k;

@@ -116,6 +116,42 @@ def test_gradients_match_reference_autograd(select):
 
 
 @needs_ext
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_backward_over_many_pieces_of_bank_rows(select, dtype):
+    """The CPU backward cuts the problems (in bank-row order) into pieces of at most 256 KB of bank
+    rows, buckets each piece's entries by output row and sums pieces into up to 16 span accumulators
+    fixed by the shapes. 1,200 problems over 400 rows of 9 x 200 (about 11 pieces; select=cost has
+    81 entries per problem, more pieces) against a float64 scatter of the selected entries, and
+    bitwise equal with 1 and 2 threads."""
+    q, b, i = ot_problem(4, 300, 400, dim=200, seed=31, dtype=dtype)
+    k = 5 if select == "topk" else 3
+    choice = torch.randint(k, (4, 300)) if select == "sample" else None
+    out, aux = _fwd(q, b, i, select, k, choice)
+    go = torch.randn(out.shape, dtype=dtype)
+    grads = []
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grads.append(fused_fn.ot_similarity_fused_bwd(go, q, b, i, aux, SELECTS.index(select), "cpu"))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(grads[0], grads[1])
+    B, P, D = q.shape
+    Y = b.double()[i]  # (B, M, P, D): bank rows of every problem
+    if select == "cost":  # aux = plan (B, M, P, P): dq_i = sum_m go * sum_j pi_ij y_j
+        want = torch.einsum("bm,bmij,bmjd->bid", go.double()[..., 0], aux.double(), Y)
+    else:  # aux = flat plan entries i * P + j: dq_i += go * y_j
+        rows, cols = aux // P, aux % P
+        picked = Y.gather(2, cols[..., None].expand(-1, -1, -1, D))  # (B, M, kk, D)
+        want = torch.zeros(B, P, D, dtype=torch.float64)
+        want.scatter_add_(1, rows.reshape(B, -1, 1).expand(-1, -1, D),
+                          (go.double()[..., None] * picked).reshape(B, -1, D))
+    assert_close(grads[0], want.to(dtype), name=f"grad {select} {dtype}")
+
+
+@needs_ext
 @pytest.mark.parametrize("select,k", [("sample", 3), ("topk", 4)])
 def test_gradcheck_float64(select, k):
     q, b, i = ot_problem(2, 3, 5, patches=4, dim=6, seed=5, dtype=torch.float64)
@@ -252,6 +288,18 @@ def test_patch_counts(P, dtype):
             out, aux = _fwd(q, b, i, select, k, choice)
             _check_selection(out, aux, q, b, i, k=k, choice=choice, rank_tol=1e-6 if fp64 else LP_TOL)
             assert_close(got, out if select == "topk" else out.squeeze(-1), name="api vs op")
+
+
+@needs_ext
+@pytest.mark.parametrize("k", [3, 12, 40, 81])
+def test_topk_when_rows_hold_many_of_the_top_entries(k):
+    """The lane solver ranks k > 2 entries through each plan row's two largest entries and redoes a
+    lane with full arg-max passes when a row's third entry would be picked. Diffuse plans (eps = 1)
+    and large k make rows hold many of the top entries (k = 40, 81: every lane is redone; k = 12:
+    some), so the picks are checked, rank by rank, against the float64 reference plan."""
+    q, b, i = ot_problem(3, 40, 50, seed=5, dtype=torch.float32)
+    out, aux = _fwd(q, b, i, "topk", k, eps=1.0)
+    _check_selection(out, aux, q, b, i, k=k, eps=1.0, rank_tol=1e-4)
 
 
 @needs_ext

@@ -1,0 +1,307 @@
+// CPU backward of ot_similarity (docs/OT_BACKEND_CONTRACT.md):
+//
+//   bwd(grad_out, query, bank, index, aux, select) -> grad_query (B, P, D)
+//   grad_query[b, i, :] = sum over the problems p = (b, m) and their selected plan entries (i, j) of
+//                         grad_out x bank[index[p], j, :]   (select=cost: every (i, j), weight
+//                         grad_out[p] x plan_ij)
+//
+// How the work is laid out (the forward has just streamed the bank; this pass reads it once more):
+// * the problems in bank-row order (ot_similarity_order.h) are cut into PIECES whose bank rows fit
+//   in half of L2;
+// * a piece's entries (output row (b, i), bank patch row, weight) are bucketed by output row
+//   (counting sort, stable), and each output row then adds its bucket with its D values held in
+//   registers: one load and one store per output vector per piece instead of one per entry (the
+//   per-entry multiply-adds into memory were bound by their loads and stores);
+// * pieces are grouped into at most kMaxSpans SPANS, fixed by the shapes (never by the thread
+//   count): a span's pieces run in order on one thread into the span's own accumulator (span 0:
+//   grad_query itself), then the spans are added in span order. Every element is summed in one
+//   fixed order whatever the thread count: bitwise reproducible, no atomics.
+#include "ot_similarity/ot_similarity_host.h"
+#include "ot_similarity/ot_similarity_order.h"
+#include "ot_similarity/ot_similarity_problem.h"
+
+#include "common/simd.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace concept_kernels {
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64, kMaxVecs = 16;  // 16 zmm accumulators of the 32 registers
+#else
+constexpr int kVecBytes = 32, kMaxVecs = 8;  // 8 ymm of 16
+#endif
+constexpr int64_t kPieceBytes = int64_t(256) << 10;  // bank rows per piece (it and the next fit in L2)
+constexpr int64_t kPieceEntries = int64_t(1) << 14;  // entries per piece (its bucket arrays stay in L2)
+constexpr int64_t kMaxSpans = 16;                    // independent accumulators (parallelism)
+constexpr int64_t kSpansBytes = int64_t(64) << 20;   // all span accumulators together at most
+
+template <typename T>
+struct Entry {
+  const T* y;  // bank patch row (D values)
+  T c;         // its weight
+};
+
+template <typename T>
+struct BwdJob : ot_host::BwdPtrs<T> {  // go, bank, index, aux_idx, aux_pi, gq
+  const int64_t* order;                // problems in bank-row order
+  int64_t B, M, P, D, kk, select;
+  int64_t per;  // entries per problem: kk, or P * P for select=cost
+  uint8_t row_of[ot::kMaxP * ot::kMaxP], col_of[ot::kMaxP * ot::kMaxP];  // flat e -> (i, j)
+};
+
+template <typename X, typename T>
+inline X loadu(const T* p) {
+  X x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+template <typename X, typename T>
+inline void storeu(T* p, X x) {
+  std::memcpy(p, &x, sizeof x);
+}
+
+// out[d0, d0 + NV W + NH W/2) += sum_k e[k].c e[k].y[same columns], k ascending, the sums held in
+// NV vectors (+ NH half vectors) of registers.
+template <typename T, int NV, int NH>
+inline void accumulate_block(T* out, const Entry<T>* e, int64_t n, int64_t d0) {
+  constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  using V = typename Vec<T, W>::type;
+  using H = typename Vec<T, W / 2>::type;
+  V acc[NV > 0 ? NV : 1];
+  H half{};
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) acc[v] = loadu<V>(out + d0 + v * W);
+  if constexpr (NH > 0) half = loadu<H>(out + d0 + NV * W);
+  for (int64_t k = 0; k < n; ++k) {
+    const T* y = e[k].y + d0;
+    const V c = broadcast<V>(e[k].c);
+#pragma GCC unroll 16
+    for (int v = 0; v < NV; ++v) acc[v] += c * loadu<V>(y + v * W);
+    if constexpr (NH > 0) half += broadcast<H>(e[k].c) * loadu<H>(y + NV * W);
+  }
+#pragma GCC unroll 16
+  for (int v = 0; v < NV; ++v) storeu(out + d0 + v * W, acc[v]);
+  if constexpr (NH > 0) storeu(out + d0 + NV * W, half);
+}
+
+// accumulate_block<T, nv, nh> for a runtime nv < kMaxVecs
+template <typename T, int NV = 0>
+inline void accumulate_rest(int nv, bool nh, T* out, const Entry<T>* e, int64_t n, int64_t d0) {
+  if constexpr (NV < kMaxVecs) {
+    if (nv != NV) return accumulate_rest<T, NV + 1>(nv, nh, out, e, n, d0);
+    if (nh) return accumulate_block<T, NV, 1>(out, e, n, d0);
+    return accumulate_block<T, NV, 0>(out, e, n, d0);
+  }
+}
+
+// out[0, D) += sum_k e[k].c e[k].y[0, D): blocks of kMaxVecs vectors, then the rest in one block,
+// then the last columns (fewer than half a vector) one by one.
+template <typename T>
+inline void accumulate_row(T* out, const Entry<T>* e, int64_t n, int64_t D) {
+  constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  int64_t d = 0;
+  for (; D - d >= kMaxVecs * W; d += kMaxVecs * W) accumulate_block<T, kMaxVecs, 0>(out, e, n, d);
+  const int nv = static_cast<int>((D - d) / W);
+  const bool nh = (D - d) % W >= W / 2;
+  if (nv > 0 || nh) accumulate_rest<T>(nv, nh, out, e, n, d);
+  for (d += nv * W + (nh ? W / 2 : 0); d < D; ++d) {
+    T s = out[d];
+    for (int64_t k = 0; k < n; ++k) s += e[k].c * e[k].y[d];
+    out[d] = s;
+  }
+}
+
+template <typename T>
+struct PieceScratch {
+  std::vector<Entry<T>> raw, sorted;
+  std::vector<int32_t> key;
+  std::vector<int64_t> start;
+};
+
+// Bytes [begin, end) of the bank rows of problems order[m0 .. m1) (they come in row order), or an
+// empty range when those rows are not contiguous enough to be worth fetching as one range.
+template <typename T>
+std::pair<const char*, const char*> rows_range(const BwdJob<T>& J, int64_t m0, int64_t m1) {
+  if (m1 <= m0) return {nullptr, nullptr};
+  const int64_t row_bytes = J.P * J.D * static_cast<int64_t>(sizeof(T));
+  const char* base = reinterpret_cast<const char*>(J.bank);
+  const char* begin = base + J.index[J.order[m0]] * row_bytes;
+  const char* end = base + (J.index[J.order[m1 - 1]] + 1) * row_bytes;
+  if (end - begin > 2 * kPieceBytes) return {nullptr, nullptr};
+  return {begin, end};
+}
+
+// The piece of problems order[n0 .. n1) into acc (B * P rows of D), fetching the bank rows of the
+// next piece (problems [n1, n2)) into L2 meanwhile.
+template <typename T>
+inline void run_piece(const BwdJob<T>& J, int64_t n0, int64_t n1, int64_t n2, T* acc, PieceScratch<T>& s) {
+  constexpr int64_t kAhead = 16;  // problems ahead whose index / selection / grad_out are prefetched
+  const int64_t P = J.P, D = J.D, BP = J.B * P, n = (n1 - n0) * J.per;
+  s.raw.resize(n);
+  s.sorted.resize(n);
+  s.key.resize(n);
+  s.start.assign(BP + 1, 0);
+  int64_t t = 0;
+  for (int64_t q = n0; q < n1; ++q) {
+    if (q + kAhead < n1) {  // in bank-row order, the problems' own data is scattered
+      const int64_t pf = J.order[q + kAhead];
+      __builtin_prefetch(J.index + pf);
+      if (J.select == ot::kSelectCost) {
+        __builtin_prefetch(J.go + pf);
+        __builtin_prefetch(J.aux_pi + pf * P * P);
+      } else {
+        __builtin_prefetch(J.go + pf * J.kk);
+        __builtin_prefetch(J.aux_idx + pf * J.kk);
+        __builtin_prefetch(J.aux_idx + pf * J.kk + J.kk - 1);
+      }
+    }
+    const int64_t p = J.order[q], row0 = (p / J.M) * P;
+    const T* Y = J.bank + J.index[p] * P * D;
+    if (J.select == ot::kSelectCost) {
+      const T w = J.go[p];
+      const T* pi = J.aux_pi + p * P * P;
+      for (int64_t i = 0; i < P; ++i)
+        for (int64_t j = 0; j < P; ++j, ++t) {
+          s.key[t] = static_cast<int32_t>(row0 + i);
+          s.raw[t] = {Y + j * D, w * pi[i * P + j]};
+        }
+    } else {
+      for (int64_t k = 0; k < J.kk; ++k, ++t) {
+        const int64_t e = J.aux_idx[p * J.kk + k];
+        s.key[t] = static_cast<int32_t>(row0 + J.row_of[e]);
+        s.raw[t] = {Y + J.col_of[e] * D, J.go[p * J.kk + k]};
+      }
+    }
+  }
+  for (int64_t x = 0; x < n; ++x) ++s.start[s.key[x] + 1];
+  for (int64_t r = 0; r < BP; ++r) s.start[r + 1] += s.start[r];
+  std::vector<int64_t>& next = s.start;  // placed through start[r + 1], shifted back below
+  for (int64_t x = 0; x < n; ++x) s.sorted[next[s.key[x]]++] = s.raw[x];
+  for (int64_t r = BP; r > 0; --r) next[r] = next[r - 1];
+  next[0] = 0;
+  auto [pf, pf_end] = rows_range(J, n1, n2);
+  const int64_t pf_lines = (pf_end - pf) / 64, pf_step = (pf_lines + BP - 1) / BP;
+  for (int64_t r = 0; r < BP; ++r) {
+    if (s.start[r + 1] > s.start[r]) accumulate_row(acc + r * D, s.sorted.data() + s.start[r], s.start[r + 1] - s.start[r], D);
+    for (int64_t l = 0; l < pf_step && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2);
+  }
+}
+
+CK_CPU_WORKER void run_piece_f32(const BwdJob<float>& J, int64_t n0, int64_t n1, int64_t n2, float* acc,
+                                 PieceScratch<float>& s) {
+  run_piece(J, n0, n1, n2, acc, s);
+}
+CK_CPU_WORKER void run_piece_f64(const BwdJob<double>& J, int64_t n0, int64_t n1, int64_t n2, double* acc,
+                                 PieceScratch<double>& s) {
+  run_piece(J, n0, n1, n2, acc, s);
+}
+inline void run_piece_any(const BwdJob<float>& J, int64_t n0, int64_t n1, int64_t n2, float* acc,
+                          PieceScratch<float>& s) {
+  run_piece_f32(J, n0, n1, n2, acc, s);
+}
+inline void run_piece_any(const BwdJob<double>& J, int64_t n0, int64_t n1, int64_t n2, double* acc,
+                          PieceScratch<double>& s) {
+  run_piece_f64(J, n0, n1, n2, acc, s);
+}
+
+// Pieces [n0, n1) of the problem order: a new piece starts at a new bank row once the piece's rows
+// would exceed kPieceBytes, or anywhere once its entries would exceed kPieceEntries.
+template <typename T>
+std::vector<std::pair<int64_t, int64_t>> pieces_of(const BwdJob<T>& J, int64_t Q) {
+  const int64_t row_bytes = J.P * J.D * static_cast<int64_t>(sizeof(T));
+  std::vector<std::pair<int64_t, int64_t>> pieces;
+  int64_t n0 = 0, bytes = 0, entries = 0, prev = -1;
+  for (int64_t q = 0; q < Q; ++q) {
+    const int64_t r = J.index[J.order[q]];
+    const bool new_row = r != prev;
+    if (q > n0 && ((new_row && bytes + row_bytes > kPieceBytes) || entries + J.per > kPieceEntries)) {
+      pieces.emplace_back(n0, q);
+      n0 = q;
+      bytes = entries = 0;
+    }
+    if (new_row || bytes == 0) bytes += row_bytes;
+    entries += J.per;
+    prev = r;
+  }
+  if (Q > n0) pieces.emplace_back(n0, Q);
+  return pieces;
+}
+
+template <typename T>
+void run_bwd(const BwdJob<T>& J) {
+  const int64_t Q = J.B * J.M, rows = J.B * J.P * J.D;
+  const std::vector<std::pair<int64_t, int64_t>> pieces = pieces_of(J, Q);
+  const int64_t n_pieces = static_cast<int64_t>(pieces.size());
+  const int64_t by_memory = std::max<int64_t>(1, kSpansBytes / std::max<int64_t>(1, rows * sizeof(T)));
+  const int64_t n_spans = std::max<int64_t>(1, std::min({kMaxSpans, n_pieces, by_memory}));
+  std::vector<T> partial((n_spans - 1) * rows, T(0));
+  // static: each thread takes consecutive spans, so the piece after a span's last is its next work
+#pragma omp parallel for schedule(static) if (n_spans > 1)
+  for (int64_t span = 0; span < n_spans; ++span) {
+    PieceScratch<T> scratch;
+    T* acc = span == 0 ? J.gq : partial.data() + (span - 1) * rows;
+    for (int64_t c = span * n_pieces / n_spans; c < (span + 1) * n_pieces / n_spans; ++c)
+      run_piece_any(J, pieces[c].first, pieces[c].second, c + 1 < n_pieces ? pieces[c + 1].second : Q, acc,
+                    scratch);
+  }
+  if (n_spans == 1) return;
+  constexpr int64_t kBlock = 4096;
+#pragma omp parallel for schedule(static) if (rows > 4 * kBlock)
+  for (int64_t x0 = 0; x0 < rows; x0 += kBlock)
+    for (int64_t span = 1; span < n_spans; ++span) {
+      const T* src = partial.data() + (span - 1) * rows;
+      for (int64_t x = x0; x < std::min(rows, x0 + kBlock); ++x) J.gq[x] += src[x];
+    }
+}
+
+at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
+                                 const at::Tensor& index, const at::Tensor& aux_in, int64_t select) {
+  const ot_host::Shape sh =
+      ot_host::check_bwd_inputs(grad_out_in, query, bank, index, aux_in, select, c10::DeviceType::CPU);
+  const at::Tensor grad_out = grad_out_in.to(query.scalar_type()).contiguous();
+  const at::Tensor aux = aux_in.contiguous();
+  ot_host::check_bwd_aux(grad_out, aux, query, bank, index, sh, select, c10::DeviceType::CPU);
+  at::Tensor gq = ot_host::alloc_bwd_output(query, sh);
+  if (sh.B * sh.M == 0) return gq;
+  const ot::RowOrder ro = ot::problem_order(index.data_ptr<int64_t>(), sh.B * sh.M, bank.size(0));
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "ot_similarity_bwd_cpu", [&] {
+    BwdJob<scalar_t> J;
+    static_cast<ot_host::BwdPtrs<scalar_t>&>(J) =
+        ot_host::make_bwd_ptrs<scalar_t>(grad_out, bank, index, aux, gq, select);
+    J.order = ro.order.data();
+    J.B = sh.B;
+    J.M = sh.M;
+    J.P = sh.P;
+    J.D = sh.D;
+    J.kk = sh.kk;
+    J.select = select;
+    J.per = select == ot::kSelectCost ? sh.P * sh.P : sh.kk;
+    for (int64_t e = 0; e < sh.P * sh.P; ++e) {
+      J.row_of[e] = static_cast<uint8_t>(e / sh.P);
+      J.col_of[e] = static_cast<uint8_t>(e % sh.P);
+    }
+    run_bwd(J);
+  });
+  return gq;
+}
+
+}  // namespace
+}  // namespace concept_kernels
+
+TORCH_LIBRARY_IMPL(concept_kernels, CPU, m) {
+  m.impl("ot_similarity_bwd", &concept_kernels::ot_similarity_bwd_cpu);
+}
