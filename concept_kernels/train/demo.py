@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
+from .. import _backends
 from .model import METHODS
-from .trainer import Config, backends_in_use, run
+from .trainer import Config, run
 
 
 def main(argv=None) -> int:
@@ -38,42 +39,37 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--test-limit", type=int, default=400, help="test images evaluated per epoch (0: all 899)")
     p.add_argument("--shots-per-class", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: 1 if the machine is busy, else torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch threads (0: 1 if the machine is busy, else torch's default)")
     p.add_argument("--methods", default="vanilla,concept", help="comma-separated, e.g. vanilla,concept,bituning")
     args = p.parse_args(argv)
-    cores = os.cpu_count() or 1
-    threads = args.threads or (1 if os.getloadavg()[0] >= cores else torch.get_num_threads())
+    threads = args.threads or (1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads())
     torch.set_num_threads(threads)
     out = Path(args.out)
     if out.exists():  # replace only a previous demo's output: method folders and the plot
-        own = set(METHODS) | {"accuracy.png"}
-        if not {p.name for p in out.iterdir()} <= own:
+        if not {p.name for p in out.iterdir()} <= set(METHODS) | {"accuracy.png"}:
             print(f"error: {out} holds files the demo did not write; pick another --out", file=sys.stderr)
             return 2
         shutil.rmtree(out)
     print(f"demo: lite0 (ImageNet, offline) on digits, {args.shots_per_class} shots/class, 96 px, "
           f"{args.epochs} epochs, {threads} torch thread(s), output in {out}/", flush=True)
-    t_all = time.perf_counter()
-    results = {}
+    t_all, results = time.perf_counter(), {}
     for method in args.methods.split(","):
         cfg = Config(method=method, image_size=96, batch_size=20, shots_per_class=args.shots_per_class,
                      epochs=args.epochs, lr=0.05, schedule="cos", num_patches=9, num_confusing=9, queue_len=10,
                      patch_pixels=24, train_blocks=("blocks.5", "blocks.6", "conv_head", "bn2"),
                      test_limit=args.test_limit, progress=False, out=str(out / method))
-        t0 = time.perf_counter()
         print(f"\n== {method} ==", flush=True)
-        hist = run(cfg)
-        results[method] = dict(hist=hist, wall=time.perf_counter() - t0)
-    ops = backends_in_use(torch.device("cpu"))
-    uses = {"concept": ops, "bituning": {}}
+        t0 = time.perf_counter()
+        results[method] = dict(hist=run(cfg), wall=time.perf_counter() - t0)
+    ops = ", ".join(f"{op}={_backends.select(op, torch.device('cpu')).name}" for op in _backends.ops())
     print(f"\n{'method':<9} {'acc main':>8} {'acc IB':>7} {'best':>6} {'s/step':>7} {'wall s':>7}  backends")
     for method, r in results.items():
-        last = r["hist"][-1]
-        steps = sorted(x["sec_per_step"] for x in r["hist"])
+        last, steps = r["hist"][-1], sorted(x["sec_per_step"] for x in r["hist"])
         ib = f"{last['acc_ib']:.3f}" if "acc_ib" in last else "-"
-        be = ", ".join(f"{k}={v}" for k, v in uses.get(method, {}).items()) or "- (no concept_kernels ops)"
         print(f"{method:<9} {last['acc_main']:>8.3f} {ib:>7} {max(x['acc'] for x in r['hist']):>6.3f} "
-              f"{steps[len(steps) // 2]:>7.2f} {r['wall']:>7.0f}  {be}")
+              f"{steps[len(steps) // 2]:>7.2f} {r['wall']:>7.0f}  "
+              f"{ops if method == 'concept' else '- (no concept_kernels ops)'}")
     print("(acc main / IB: last epoch, per head; best: max over epochs of max(main, IB), the published protocol; "
           "s/step: median over epochs)")
     _plot(results, out / "accuracy.png")
@@ -81,7 +77,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def _plot(results, path: Path) -> None:
+def _plot(results: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,9 +89,7 @@ def _plot(results, path: Path) -> None:
         line, = ax.plot(ep, [x["acc_main"] for x in r["hist"]], marker="o", label=f"{method} (main head)")
         if "acc_ib" in r["hist"][0]:
             ax.plot(ep, [x["acc_ib"] for x in r["hist"]], ls="--", color=line.get_color(), label=f"{method} (IB head)")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("few-shot digits, EfficientNet-Lite0 (ImageNet)")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title="few-shot digits, EfficientNet-Lite0 (ImageNet)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
