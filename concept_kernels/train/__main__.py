@@ -1,12 +1,8 @@
 """``python -m concept_kernels.train``: fine-tune a timm model with Concept-Tuning or a baseline.
 
 Every :class:`~concept_kernels.train.trainer.Config` field is a flag (``--batch-size``; booleans also
-``--no-...``; lists comma-separated, ``--train-blocks blocks.5,blocks.6``). Examples::
-
-    python -m concept_kernels.train --method concept --epochs 10 --out runs/ct          # digits, lite0
-    python -m concept_kernels.train --data /path/imagefolder --image-size 224 --shots-per-class 0 \\
-        --method vanilla --out runs/van
-    torchrun --nproc-per-node 2 -m concept_kernels.train ...                          # DDP
+``--no-...``; lists comma-separated, ``--train-blocks blocks.5,blocks.6``); examples: README
+"Fine-tuning". DDP: ``torchrun --nproc-per-node 2 -m concept_kernels.train ...``.
 """
 from __future__ import annotations
 

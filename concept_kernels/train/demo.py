@@ -1,20 +1,18 @@
 """``python -m concept_kernels.train.demo`` (``make demo``): vanilla fine-tuning vs Concept-Tuning.
 
-Fine-tunes the ImageNet-pretrained EfficientNet-Lite0 (offline weights, through timm) on few-shot
-sklearn digits (10 images per class, 8x8 grey upsampled to RGB: a real shift from ImageNet) with
-vanilla fine-tuning and with Concept-Tuning ("image" patch mode), evaluates both heads on the first
-400 test images after every epoch, prints a table and saves ``accuracy.png`` under ``--out``.
-
-Why this configuration (budget: <= 10 min on a 2-core CPU):
+ImageNet-pretrained EfficientNet-Lite0 (offline weights) on few-shot sklearn digits (10 per class, 8x8
+grey upsampled to RGB: a real shift from ImageNet), both heads evaluated on the first 400 test images
+after every epoch; prints a table and saves ``accuracy.png`` under ``--out``. Why this configuration
+(<= 10 min on a 2-core CPU):
 
 * 96 px: lite0's stride-32 map is 3x3, the smallest on which the 9 patches land in different cells.
-* 9 patches as published, 64-px boxes resampled to 24-px crops (``patch_pixels``): a box holds at
-  most 6x6 of the 8x8 source pixels, so 24 px still oversamples it 4x, at 1/4.6 the FLOPs of 64 px.
+* 9 patches of 64 px resampled to 24-px crops (``patch_pixels``): a box holds at most 6x6 of the 8x8
+  source pixels, so 24 px still oversamples it 4x, at 1/4.6 the FLOPs of 64 px.
 * batch 20, 8 epochs of 5 steps; N_conf = 9 = Cls - 1 (as the published CUB command, 199 = Cls - 1);
   K = 10 (a class is seen ~10 times per epoch, so the random initial keys leave after one epoch).
 * lr 0.05 for the heads, 0.005 for the backbone (x0.1 as published), cosine schedule.
-* backbone BN momentum 0.1 (timm's tf_* port uses 0.01: after 15 steps the running stats were still
-  mostly ImageNet's, test accuracy 0.15; 0.59 after re-estimating them on the training images).
+* backbone BN momentum 0.1 (with timm's 0.01 the running stats were still mostly ImageNet's after 15
+  steps: test accuracy 0.15; 0.59 after re-estimating them on the training images).
 * one torch thread when the machine is busy (load >= cores): 2 threads per process were ~10x slower.
 """
 from __future__ import annotations

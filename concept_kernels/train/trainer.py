@@ -1,9 +1,8 @@
 """The fine-tuning loop: ``run(Config(...))`` trains and returns the per-epoch metrics.
 
-Checkpoints (``<out>/checkpoint.pt``, written each epoch and on Ctrl-C via a temp file + ``os.replace``)
-hold the model (queues and key encoder included), optimizer, scheduler, step counters and every rank's
-torch/numpy/python RNG states, so ``resume=True`` continues bit-exactly, also mid-epoch. Under
-``torchrun`` it runs DDP (NCCL on GPU, gloo on CPU).
+Checkpoints (``<out>/checkpoint.pt``, each epoch and on Ctrl-C, via a temp file + ``os.replace``) hold
+the model (queues, key encoder), optimizer, scheduler, step counters and every rank's torch/numpy/python
+RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP.
 """
 from __future__ import annotations
 
@@ -33,7 +32,6 @@ _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_si
 
 
 def _doc(default, help: str):
-    """A :class:`Config` field with its ``--help`` line."""
     return dataclasses.field(default=default, metadata={"help": help})
 
 
@@ -71,8 +69,7 @@ class Config:
     w_con: float = 1.0
     w_ce_ib: float = 1.0
     w_kl: float = 5e-3
-    # None keeps the model's (timm's tf_* ports: 0.01)
-    bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")
+    bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; digits 0.6)")
     hflip: bool | None = _doc(None, "default: off for digits, on otherwise")
@@ -174,11 +171,10 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
     rank, world, device = _setup_distributed()
     if cfg.amp and device.type != "cuda":
         raise ValueError("--amp uses CUDA autocast (bfloat16) and needs a GPU; this run is on the CPU")
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT
+    out, ckpt_path = Path(cfg.out), Path(cfg.out) / CHECKPOINT
     if rank == 0 and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output dir {out} is not empty; pass --resume to continue it or --overwrite to "
-                              "replace it")
+        raise FileExistsError(f"output dir {out} is not empty; pass --resume to continue it or --overwrite "
+                              "to replace it")
     conf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     diff = {k: (ckpt["config"].get(k), conf[k]) for k in _RESUME_KEYS if ckpt and ckpt["config"].get(k) != conf[k]}
@@ -213,8 +209,8 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
     per_step = cfg.batch_size * world
     steps = cfg.iters_per_epoch or len(train_set) // per_step
     if steps < 1:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch ({cfg.batch_size} x {world} "
-                         "ranks)")
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch "
+                         f"({cfg.batch_size} x {world} ranks)")
     interrupts = []
 
     def on_sigint(signum, frame):
