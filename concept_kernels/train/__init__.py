@@ -1,12 +1,8 @@
-"""Concept-Tuning fine-tuning on timm models: the method as a module, baselines, a small trainer.
+"""Concept-Tuning fine-tuning of timm models: the method as a module, baselines, a small trainer.
 
->>> from concept_kernels.train import ConceptTuner, create_backbone   # doctest: +SKIP
->>> net = ConceptTuner(create_backbone("tf_efficientnet_lite0"), num_classes=10, image_size=(96, 96))
->>> out = net.step(views, labels)      # views (4, B, 3, 96, 96): {"loss", "logits", "ce", "img", ...}
->>> out["loss"].backward(); optimizer.step()
->>> net.eval(); net.predict(x)         # {"main": (B, 10) logits, "ib": (B, 10) logits}
-
-CLI: ``python -m concept_kernels.train --help``; demo: ``python -m concept_kernels.train.demo``.
+``net = ConceptTuner(create_backbone("tf_efficientnet_lite0"), num_classes=10, image_size=(96, 96))``,
+``net.step(views, labels)["loss"].backward()``, ``net.eval().predict(x)``; ``python -m concept_kernels.train
+--help``; ``python -m concept_kernels.train.demo``.
 """
 from .backbones import create_backbone, remap_lite0
 from .model import METHODS, PATCH_MODES, ConceptTuner

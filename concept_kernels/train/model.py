@@ -1,17 +1,9 @@
-"""Concept-Tuning (and the baselines) around any backbone that returns a 4-D feature map.
-
-``ConceptTuner(backbone, num_classes, image_size, method=...)``; ``step(views, labels)`` is one
-training step's forward (call ``loss.backward()`` and the optimiser yourself), ``predict(x)``
-evaluates. ``forward`` is ``step``, so a ``DistributedDataParallel`` wrapper syncs its gradients.
-
-Shapes: views (V, B, 3, H, W) (or a list of V tensors (B, 3, H, W)); V = 4 for ``concept``
-(views 0/1 "image" augmentation, 2/3 "patch" augmentation, method_spec §7), V >= 2 for
-``bituning``, V >= 1 otherwise; labels (B,) int64 in [0, Cls).
-"""
+"""Concept-Tuning (and the baselines) around any backbone that returns a 4-D feature map."""
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+import math
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -20,7 +12,7 @@ from torch import nn
 
 import concept_kernels as ck
 
-from .patches import default_patch_pixels, feature_stride, grouped_batch_norm, roi_align
+from .patches import grouped_batch_norm, roi_align
 
 METHODS = ("concept", "vanilla", "linear", "bituning", "surgical")
 PATCH_MODES = ("image", "roi")
@@ -40,38 +32,37 @@ def _embed(h: torch.Tensor, head: nn.Linear) -> torch.Tensor:
     return F.normalize(F.linear(h, head.weight.detach(), head.bias.detach()), dim=1)
 
 
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    return any(name == t or name.startswith(t + ".") for t in prefixes)
+
+
 class ConceptTuner(nn.Module):
-    """A classifier on ``backbone`` trained with Concept-Tuning or a baseline.
+    """A classifier on ``backbone`` trained with Concept-Tuning or a baseline: ``step(views, labels)`` is
+    one training forward (also ``forward``, so DDP syncs its gradients), ``predict(x)`` evaluates.
 
     Args:
-        backbone: module mapping (B, 3, H, W) to a (B, C, h, w) map, e.g.
-            ``timm.create_model(name, num_classes=0, global_pool="")``; its ``forward_features``
-            is used when it has one.
-        num_classes: Cls.
-        image_size: (H, W) of training views; patch geometry follows from it and the map size.
-        method: "concept" (the method), "vanilla" (CE), "linear" (frozen backbone, CE),
-            "bituning" (CE + image-level contrastive), "surgical" (CE, only ``train_blocks`` train).
-        patch_mode: "image" (published: crop patches from the view, encode them with the network;
-            per-position BN statistics in one pass) or "roi" (fast, NOT equivalent: 2x2 RoIAlign
-            of the views' feature maps, averaged, see :meth:`_roi_patches`).
-        num_patches, num_confusing, queue_len, momentum, temperature: P, N_conf, K, m, T
-            (N_conf default min(100, Cls-1); 3 <= N_conf <= Cls-1).
-        patch_pixels: side of each image-mode crop (default 2x the stride = exact pixel crops).
-        w_img, w_con, w_ce_ib, w_kl: loss weights (1, 1, 1, 0.005 as published, §5.8).
-        train_blocks: for "surgical", prefixes of backbone parameter names that train.
-        latent_dim: IB latent size.
-        bn_momentum: if set, the momentum of every backbone batch norm (timm's tf_* ports use 0.01,
-            too slow for running stats to follow a few hundred fine-tuning steps; torch's default 0.1).
-        channels_last: run the backbones in channels-last memory format (oneDNN's fast path on
-            CPU: ~1.5x faster steps for lite0, and the grouped batch norm needs no copies).
+        backbone: (B, 3, H, W) -> (B, C, h, w) (its ``forward_features`` when it has one), e.g.
+            ``timm.create_model(name, num_classes=0, global_pool="")``.
+        num_classes, image_size: Cls and the views' (H, W) (the patch geometry follows).
+        method: "concept", "vanilla" (CE), "linear" (frozen backbone), "bituning" (CE + image-level
+            contrastive) or "surgical" (only ``train_blocks``, prefixes of parameter names, train).
+        patch_mode: "image" (published: crops of the view through the network) or "roi" (fast, NOT
+            equivalent: RoIAlign of the feature map).
+        num_patches, num_confusing, queue_len, momentum, temperature: P, N_conf (default
+            min(100, Cls-1); 3 <= N_conf <= Cls-1), K, m, T.
+        patch_pixels: image-mode crop side (default 2x the stride: exact pixel crops).
+        w_img, w_con, w_ce_ib, w_kl, latent_dim: loss weights (published 1, 1, 1, 0.005, §5.8), IB size.
+        bn_momentum: if set, that of every backbone batch norm (timm's tf_* ports use 0.01, too slow
+            for the running stats to follow a few hundred fine-tuning steps).
+        channels_last: run the backbones channels-last (oneDNN's fast path on CPU).
     """
 
-    def __init__(self, backbone: nn.Module, num_classes: int, image_size: Tuple[int, int], *,
+    def __init__(self, backbone: nn.Module, num_classes: int, image_size: tuple[int, int], *,
                  method: str = "concept", patch_mode: str = "image", num_patches: int = 9,
-                 num_confusing: Optional[int] = None, queue_len: int = 40, momentum: float = 0.999,
-                 temperature: float = 0.07, patch_pixels: Optional[int] = None, w_img: float = 1.0,
+                 num_confusing: int | None = None, queue_len: int = 40, momentum: float = 0.999,
+                 temperature: float = 0.07, patch_pixels: int | None = None, w_img: float = 1.0,
                  w_con: float = 1.0, w_ce_ib: float = 1.0, w_kl: float = 5e-3,
-                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: Optional[float] = None,
+                 train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: float | None = None,
                  channels_last: bool = True) -> None:
         super().__init__()
         if method not in METHODS:
@@ -80,62 +71,57 @@ class ConceptTuner(nn.Module):
             raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r}")
         self.method, self.patch_mode, self.num_classes = method, patch_mode, num_classes
         self.image_size = tuple(int(s) for s in image_size)
-        self.backbone, self.channels_last = backbone, False
-        if bn_momentum is not None:
-            for m in backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.momentum = bn_momentum
-        C, h, w = self._probe_features()
+        self.backbone, self.channels_last = backbone, channels_last
+        for m in backbone.modules():
+            if bn_momentum is not None and isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = bn_momentum
         if channels_last:
-            self.backbone, self.channels_last = backbone.to(memory_format=torch.channels_last), True
-        self.feature_size = (h, w)
+            backbone.to(memory_format=torch.channels_last)
+        was = backbone.training
+        try:
+            with torch.no_grad():
+                device = next((p.device for p in backbone.parameters()), None)
+                f = self.features(backbone.eval(), torch.zeros(1, 3, *self.image_size, device=device))
+        except Exception as e:
+            raise ValueError(f"the backbone cannot run on {self.image_size} inputs ({type(e).__name__}: {e})") from e
+        finally:
+            backbone.train(was)
+        if f.dim() != 4:
+            raise ValueError(f"the backbone returns features of shape {tuple(f.shape)}; Concept-Tuning needs a 4-D "
+                             "(B, C, h, w) feature map (CNNs; ViT-style token outputs are not supported)")
+        C, h, w = f.shape[1:]
+        self.feature_size, self.stride = (h, w), (self.image_size[0] / h, self.image_size[1] / w)  # px per cell
         self.head = nn.Linear(C, num_classes)
         nn.init.normal_(self.head.weight, 0.0, 0.01)
         nn.init.zeros_(self.head.bias)
         self.num_patches, self.momentum, self.temperature = num_patches, momentum, temperature
         self.weights = dict(img=w_img, con=w_con, ce_ib=w_ce_ib, kl=w_kl)
-        self.patch_pixels = patch_pixels or default_patch_pixels(self.image_size, self.feature_size)
-        n_conf = min(100, num_classes - 1) if num_confusing is None else num_confusing
-        if method == "concept" and not 3 <= n_conf <= num_classes - 1:
+        self.patch_pixels = patch_pixels or math.ceil(2 * max(self.stride))
+        self.num_confusing = min(100, num_classes - 1) if num_confusing is None else num_confusing
+        if method == "concept" and not 3 <= self.num_confusing <= num_classes - 1:
             raise ValueError(f"Concept-Tuning needs 3 <= num_confusing <= num_classes - 1, got num_confusing="
-                             f"{n_conf} with {num_classes} classes (at least 4 classes are needed)")
-        self.num_confusing = n_conf
+                             f"{self.num_confusing} with {num_classes} classes (at least 4 classes are needed)")
         if method == "concept" and num_patches < 4:
-            raise ValueError(f"num_patches must be >= 4 (the 10 negatives per OT problem need P*P >= 10), got {num_patches}")
+            raise ValueError("num_patches must be >= 4 (the 10 negatives per OT problem need P*P >= 10), "
+                             f"got {num_patches}")
         self.ib = ck.nn.InformationBottleneckHead(C, num_classes, latent_dim) if method == "concept" else None
         if method in ("concept", "bituning"):
             self.key_backbone = copy.deepcopy(backbone).requires_grad_(False)
             self.key_head = copy.deepcopy(self.head).requires_grad_(False)
-            self.queues = ck.ClassQueues(num_classes, queue_len, num_classes, num_patches if method == "concept" else 1)
+            queue_patches = num_patches if method == "concept" else 1
+            self.queues = ck.ClassQueues(num_classes, queue_len, num_classes, queue_patches)
         if method == "linear":
-            self.backbone.requires_grad_(False)
+            backbone.requires_grad_(False)
         elif method == "surgical":
             if not train_blocks:
                 raise ValueError("surgical fine-tuning needs train_blocks, e.g. ('blocks.0', 'blocks.1')")
-            names = [n for n, _ in self.backbone.named_parameters()]
+            names = [n for n, _ in backbone.named_parameters()]
             for prefix in train_blocks:
-                if not any(n == prefix or n.startswith(prefix + ".") for n in names):
+                if not any(_under(n, (prefix,)) for n in names):
                     raise ValueError(f"train_blocks: no backbone parameter under {prefix!r}; top-level "
                                      f"names: {sorted({n.split('.')[0] for n in names})}")
-            for n, p in self.backbone.named_parameters():
-                p.requires_grad_(any(n == t or n.startswith(t + ".") for t in train_blocks))
-
-    # ---- backbone helpers ---------------------------------------------------------------------
-    def _probe_features(self) -> Tuple[int, int, int]:
-        was = self.backbone.training
-        self.backbone.eval()
-        p = next(self.backbone.parameters(), None)
-        try:
-            with torch.no_grad():
-                f = self.features(self.backbone, torch.zeros(1, 3, *self.image_size, device=p.device if p is not None else None))
-        except Exception as e:
-            raise ValueError(f"the backbone cannot run on {self.image_size} inputs ({type(e).__name__}: {e})") from e
-        finally:
-            self.backbone.train(was)
-        if f.dim() != 4:
-            raise ValueError(f"the backbone returns features of shape {tuple(f.shape)}; Concept-Tuning needs a 4-D "
-                             "(B, C, h, w) feature map (CNNs; ViT-style token outputs are not supported)")
-        return f.shape[1], f.shape[2], f.shape[3]
+            for n, p in backbone.named_parameters():
+                p.requires_grad_(_under(n, train_blocks))
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> (B, C, h, w) feature map (input made channels-last if ``channels_last``)."""
@@ -144,36 +130,34 @@ class ConceptTuner(nn.Module):
         fn = getattr(backbone, "forward_features", None)
         return fn(x) if callable(fn) else backbone(x)
 
-    def train(self, mode: bool = True) -> "ConceptTuner":
+    def train(self, mode: bool = True) -> ConceptTuner:
         super().train(mode)
         if self.method == "linear":
             self.backbone.eval()  # linear probing: fixed features, BN running stats included
         return self
 
-    def param_groups(self, lr: float, backbone_mult: float = 0.1) -> List[dict]:
+    def param_groups(self, lr: float, backbone_mult: float = 0.1) -> list[dict]:
         """SGD groups: trainable backbone parameters at lr*backbone_mult, heads at lr (§6)."""
         bb = [p for p in self.backbone.parameters() if p.requires_grad]
-        heads = list(self.head.parameters()) + (list(self.ib.parameters()) if self.ib is not None else [])
-        groups = [dict(params=heads, lr=lr, name="heads")]
-        if bb:
-            groups.insert(0, dict(params=bb, lr=lr * backbone_mult, name="backbone"))
-        return groups
+        heads = [*self.head.parameters(), *(self.ib.parameters() if self.ib is not None else ())]
+        groups = [dict(params=bb, lr=lr * backbone_mult, name="backbone")] if bb else []
+        return groups + [dict(params=heads, lr=lr, name="heads")]
 
     @property
     def num_views(self) -> int:
         """Views a step uses: 4 for concept (image mode), 2 for concept (roi) and bituning, else 1."""
         return {"concept": 4 if self.patch_mode == "image" else 2, "bituning": 2}.get(self.method, 1)
 
-    # ---- training step ------------------------------------------------------------------------
-    def forward(self, views, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def forward(self, views, labels: torch.Tensor) -> dict[str, torch.Tensor]:
         return self.step(views, labels)
 
-    def step(self, views: Union[torch.Tensor, Sequence[torch.Tensor]], labels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One training forward. Returns scalars {"loss", "ce", "img", "con", "ce_ib", "kl"} (parts a
-        method does not use are 0) and "logits" (B, Cls) of the main head on view 0.
+    def step(self, views: torch.Tensor | Sequence[torch.Tensor], labels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One training forward. views (V, B, 3, H, W) or V tensors (B, 3, H, W), V >= ``num_views``
+        (concept: 0/1 "image", 2/3 "patch" augmentation, §7); labels (B,) int64 in [0, Cls).
 
-        Side effects (concept/bituning): EMA of the key encoder and enqueue of this step's keys
-        (all-gathered over ranks under torch.distributed, so every rank holds the same queues).
+        Returns scalars {"loss", "ce", "img", "con", "ce_ib", "kl"} (0 where the method has no such
+        part) and "logits" (B, Cls) of the main head on view 0. concept/bituning also update the key
+        encoder (EMA) and enqueue this step's keys (all-gathered under torch.distributed).
         """
         if len(views) < self.num_views:
             raise ValueError(f"method {self.method!r} needs {self.num_views} views, got {len(views)}")
@@ -188,12 +172,11 @@ class ConceptTuner(nn.Module):
             out["kl"] = ck.information_bottleneck_kl(mu, sigma)
         if self.method in ("concept", "bituning"):
             out.update(self._contrastive(views, labels, f0, logits))
-        w = self.weights
-        out["loss"] = out["ce"] + w["img"] * out["img"] + w["con"] * out["con"] + w["ce_ib"] * out["ce_ib"] + w["kl"] * out["kl"]
+        out["loss"] = sum((w * out[k] for k, w in self.weights.items()), out["ce"])
         out["logits"] = logits
         return out
 
-    def _key_pass(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _key_pass(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(self.key_backbone, x)
         return f, self.key_head(f.mean((2, 3)))
 
@@ -201,33 +184,27 @@ class ConceptTuner(nn.Module):
         return ck.search_concept_patches(f, logits, labels, weight.detach(), self.image_size,
                                          num_confusing=self.num_confusing, num_patches=self.num_patches)
 
-    def _contrastive(self, views, labels, f0, logits) -> Dict[str, torch.Tensor]:
+    def _contrastive(self, views, labels, f0, logits) -> dict[str, torch.Tensor]:
         """method_spec §4 steps 3-7 (image mode) for concept; the image-level part for bituning."""
-        B, P = labels.shape[0], self.num_patches
+        B = labels.shape[0]
         concept, image_mode = self.method == "concept", self.patch_mode == "image"
-        z_q = F.normalize(logits, dim=1)
-        if concept and image_mode:  # query side: key-encoder search on view 2, query-encoder patches
+        if concept:  # query patches; image: key-encoder search on view 2, roi: on view 0's own map
             with torch.no_grad():
-                f2, y2 = self._key_pass(views[2])
-                boxes_q, conf = self._search(f2, y2, labels, self.key_head.weight)
-            zq_p = self._image_patches(self.backbone, self.head, views[2], boxes_q, B)
-        elif concept:  # roi: search on the query's own (detached) view-0 map, crop that map
-            boxes_q, conf = self._search(f0.detach(), logits.detach(), labels, self.head.weight)
-            zq_p = self._roi_patches(f0, self.head, boxes_q, B)
+                f, y = self._key_pass(views[2]) if image_mode else (f0.detach(), logits.detach())
+                boxes, conf = self._search(f, y, labels, (self.key_head if image_mode else self.head).weight)
+            zq_p = self._patches(self.backbone, self.head, views[2] if image_mode else f0, boxes, B)
         with torch.no_grad():
             ck.momentum_update_(nn.ModuleList([self.key_backbone, self.key_head]),
                                 nn.ModuleList([self.backbone, self.head]), self.momentum)
             f1, y1 = self._key_pass(views[1])  # views 1 and 3: separate passes, as published (and faster
-            if concept and image_mode:          # on CPU than one pass with per-view BN statistics)
-                f3, y3 = self._key_pass(views[3])
-                boxes_k, _ = self._search(f3, y3, labels, self.key_head.weight)
-                zk_p = self._image_patches(self.key_backbone, self.key_head, views[3], boxes_k, B)
-            elif concept:
-                boxes_k, _ = self._search(f1, y1, labels, self.key_head.weight)
-                zk_p = self._roi_patches(f1, self.key_head, boxes_k, B)
+            if concept:                         # on CPU than one pass with per-view BN statistics)
+                f, y = self._key_pass(views[3]) if image_mode else (f1, y1)
+                boxes, _ = self._search(f, y, labels, self.key_head.weight)
+                zk_p = self._patches(self.key_backbone, self.key_head, views[3] if image_mode else f1, boxes, B)
             z_k = F.normalize(y1, dim=1)
         queue_z, queue_h = self.queues.snapshot()
-        out = dict(img=ck.image_contrastive_loss(z_q, z_k, queue_z, labels, temperature=self.temperature))
+        out = dict(img=ck.image_contrastive_loss(F.normalize(logits, dim=1), z_k, queue_z, labels,
+                                                 temperature=self.temperature))
         if concept:
             out["con"] = ck.concept_contrastive_loss(zq_p, zk_p, queue_h, labels, conf, temperature=self.temperature)
         else:
@@ -235,32 +212,26 @@ class ConceptTuner(nn.Module):
         self.queues.enqueue(_gather(z_k), _gather(zk_p.contiguous()), _gather(labels))
         return out
 
-    def _image_patches(self, backbone, head, view, boxes, B) -> torch.Tensor:
-        """(B, P, Cls) unit rows: crops (P*B, 3, S, S) of ``view``, position-major, through ``backbone``
-        in one pass with per-position BN statistics (= the published P passes with momentum 0), GAP,
-        and the head's weights detached (the head gets no gradient from L_con). The IB branch is skipped."""
+    def _patches(self, backbone, head, x, boxes, B) -> torch.Tensor:
+        """(B, P, Cls) unit rows, the detached head on the patches' features. Image mode: crops
+        (P*B, 3, S, S) of the view ``x``, position-major, through ``backbone`` in one pass with
+        per-position BN statistics (= the published P passes with momentum 0), GAP; the IB branch is
+        skipped. Roi mode (NOT equivalent, the features see the whole image): 2x2 RoIAlign of the
+        view's feature map ``x``, averaged (as GAP over the 2x2 map of a 64-px crop)."""
         P = self.num_patches
-        crops = roi_align(view, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
+        if self.patch_mode == "roi":
+            h = roi_align(x, boxes, (2, 2), spatial_scale=1.0 / self.stride[0]).mean((2, 3))
+            return _embed(h, head).view(B, P, -1)
+        crops = roi_align(x, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
         with grouped_batch_norm(P):
             h = self.features(backbone, crops).mean((2, 3))
         return _embed(h, head).view(P, B, -1).transpose(0, 1)
 
-    def _roi_patches(self, fmap, head, boxes, B) -> torch.Tensor:
-        """Fast patches (B, P, Cls): RoIAlign (2x2 output, scale 1/stride, adaptive sampling) of the
-        view's feature map, averaged to one C-vector (as GAP over the 2x2 map a 64-px patch gives),
-        then the detached head. NOT equivalent to image mode: the features see the whole image."""
-        sy, _ = feature_stride(self.image_size, self.feature_size)
-        h = roi_align(fmap, boxes, (2, 2), spatial_scale=1.0 / sy).mean((2, 3))
-        return _embed(h, head).view(B, self.num_patches, -1)
-
-    # ---- evaluation ---------------------------------------------------------------------------
     @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """(B, 3, H, W) -> {"main": (B, Cls) logits, "ib": (B, Cls) logits (concept only)}.
-
-        Runs in the module's current mode; call ``.eval()`` first for evaluation. The IB head
-        samples its latent in eval mode too, as published.
-        """
+    def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """(B, 3, H, W) -> {"main": (B, Cls) logits, "ib": (B, Cls) logits (concept only)}, in the
+        module's current mode (call ``.eval()`` first); the IB head samples its latent in eval mode
+        too, as published."""
         f = self.features(self.backbone, x)
         out = {"main": self.head(f.mean((2, 3)))}
         if self.ib is not None:

@@ -1,10 +1,8 @@
-"""The fine-tuning loop: data, optimiser, schedule, evaluation, checkpoints, resume, DDP.
+"""The fine-tuning loop: ``run(Config(...))`` trains and returns the per-epoch metrics.
 
-``run(Config(...))`` trains and returns the per-epoch metrics. Checkpoints (``<out>/checkpoint.pt``,
-written each epoch and on Ctrl-C via a temp file + ``os.replace``) hold the model (queues and key
-encoder included), optimizer, scheduler, step counters and the torch/numpy/python RNG states of
-every rank, so ``resume=True`` continues bit-exactly, also from the middle of an epoch.
-Under ``torchrun`` it runs DDP (NCCL on GPU, gloo on CPU).
+Checkpoints (``<out>/checkpoint.pt``, each epoch and on Ctrl-C, via a temp file + ``os.replace``) hold
+the model (queues, key encoder), optimizer, scheduler, step counters and every rank's torch/numpy/python
+RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP.
 """
 from __future__ import annotations
 
@@ -16,17 +14,15 @@ import signal
 import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from .. import _backends
 from .backbones import create_backbone
-from .data import Digits, digits, image_folder, make_views
+from .data import digits, image_folder, make_views
 from .model import ConceptTuner
 
 CHECKPOINT = "checkpoint.pt"
@@ -35,46 +31,50 @@ _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_si
                 "num_patches", "num_confusing", "queue_len", "iters_per_epoch")
 
 
-@dataclass
+def _doc(default, help: str):
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclasses.dataclass
 class Config:
-    model: str = "tf_efficientnet_lite0"
-    pretrained: bool = True
-    data: Optional[str] = None  # None: built-in digits; else an ImageFolder root with train/ and val/
-    shots_per_class: int = 10  # <= 0: all training images
+    """A run's settings; each field is a flag of ``python -m concept_kernels.train``."""
+    model: str = _doc("tf_efficientnet_lite0", "timm model name (needs a 4-D feature map)")
+    pretrained: bool = _doc(True, "ImageNet weights (offline for tf_efficientnet_lite0 / efficientnet_lite0)")
+    data: str | None = _doc(None, "ImageFolder root with train/ and val/ (default: built-in sklearn digits)")
+    shots_per_class: int = _doc(10, "training images per class (<=0: all)")
     image_size: int = 96
     method: str = "concept"
     patch_mode: str = "image"
     epochs: int = 10
     batch_size: int = 32
-    iters_per_epoch: int = 0  # 0: one pass over the training set (drop_last)
+    iters_per_epoch: int = _doc(0, "0: one pass over the training set")  # (drop_last)
     lr: float = 0.01
     backbone_lr_mult: float = 0.1
     schedule: str = "multistep"  # or "cos"
-    milestones: Tuple[int, ...] = (12, 24)
+    milestones: tuple[int, ...] = _doc((12, 24), "multistep epochs (x0.1 each)")
     momentum: float = 0.9
     weight_decay: float = 5e-4
     nesterov: bool = True
     seed: int = 0
-    amp: bool = False
-    out: str = "runs/concept"
-    resume: bool = False
-    overwrite: bool = False
+    amp: bool = _doc(False, "bfloat16 autocast (GPU only)")
+    out: str = _doc("runs/concept", "output dir (metrics.jsonl, checkpoint.pt)")
+    resume: bool = _doc(False, "continue from <out>/checkpoint.pt")
+    overwrite: bool = _doc(False, "allow a non-empty output dir without --resume")
     num_patches: int = 9
-    num_confusing: Optional[int] = None
+    num_confusing: int | None = _doc(None, "N_conf (default min(100, classes-1))")
     queue_len: int = 40
-    patch_pixels: Optional[int] = None
-    train_blocks: Tuple[str, ...] = ()
+    patch_pixels: int | None = _doc(None, "image-mode crop side (default 2x stride: exact crops)")
+    train_blocks: tuple[str, ...] = _doc((), "surgical: backbone prefixes, e.g. blocks.0,blocks.1")
     w_img: float = 1.0
     w_con: float = 1.0
     w_ce_ib: float = 1.0
     w_kl: float = 5e-3
-    bn_momentum: Optional[float] = 0.1  # None: keep the model's (timm tf_* ports: 0.01)
-    test_limit: int = 0  # evaluate on the first N test images (0: all)
-    min_crop: Optional[float] = None  # RandomResizedCrop min area of views 0/1: None = 0.2 (published), digits 0.6
-    hflip: Optional[bool] = None  # None: off for digits (flips change digits), on for ImageFolder
+    bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
+    test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
+    min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; digits 0.6)")
+    hflip: bool | None = _doc(None, "default: off for digits, on otherwise")
     progress: bool = True
-    cache_dir: Optional[str] = None
-    extra: Dict = field(default_factory=dict)
+    cache_dir: str | None = None
 
 
 class CheckpointError(RuntimeError):
@@ -82,24 +82,18 @@ class CheckpointError(RuntimeError):
 
 
 def _rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+    name, keys, *rest = np.random.get_state()
+    return dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest],
                 python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
 
 
 def _set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
-    name, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    name, keys, *rest = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     random.setstate(s["python"])
     if s["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_atomic(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -109,33 +103,29 @@ def load_checkpoint(path: Path) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"--resume: no checkpoint at {path}") from None
     except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): {type(e).__name__}: {e}") from e
-    missing = {"model", "optimizer", "scheduler", "state", "rng", "config"} - set(ckpt if isinstance(ckpt, dict) else ())
+        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from e
+    missing = {"model", "optimizer", "scheduler", "state", "rng", "config"}.difference(
+        ckpt if isinstance(ckpt, dict) else ())
     if missing:
         raise CheckpointError(f"{path} is not a concept_kernels checkpoint (missing {sorted(missing)})")
     return ckpt
 
 
-def backends_in_use(device: torch.device) -> Dict[str, str]:
-    """Which backend each registered op runs on ``device`` (``_backends.select``)."""
-    return {op: _backends.select(op, device).name for op in _backends.ops()}
-
-
-def _setup_distributed() -> Tuple[int, int, torch.device]:
-    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def _setup_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
+    if int(os.environ.get("WORLD_SIZE", 1)) == 1:
+        return 0, 1, torch.device("cuda" if cuda else "cpu")
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
 
 
 def build(cfg: Config, device: torch.device):
-    """(model, train_set, test_set, class names) for ``cfg``."""
+    """(model, train_set, test_set) for ``cfg``."""
     backbone = create_backbone(cfg.model, cfg.pretrained, cfg.cache_dir)
     if cfg.data is None:
         train_set, test_set, names = digits(cfg.image_size, cfg.shots_per_class, cfg.seed)
@@ -143,41 +133,36 @@ def build(cfg: Config, device: torch.device):
         dc = getattr(backbone, "pretrained_cfg", {}) or {}
         train_set, test_set, names = image_folder(cfg.data, cfg.image_size, dc.get("mean", (0.485, 0.456, 0.406)),
                                                   dc.get("std", (0.229, 0.224, 0.225)), cfg.shots_per_class, cfg.seed)
-    model = ConceptTuner(backbone, len(names), (cfg.image_size, cfg.image_size), method=cfg.method,
-                         patch_mode=cfg.patch_mode, num_patches=cfg.num_patches, num_confusing=cfg.num_confusing,
-                         queue_len=cfg.queue_len, patch_pixels=cfg.patch_pixels, w_img=cfg.w_img, w_con=cfg.w_con,
-                         w_ce_ib=cfg.w_ce_ib, w_kl=cfg.w_kl, train_blocks=cfg.train_blocks,
-                         bn_momentum=cfg.bn_momentum).to(device)
+    kw = {k: getattr(cfg, k) for k in ("method", "patch_mode", "num_patches", "num_confusing", "queue_len",
+                                       "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks")}
+    model = ConceptTuner(backbone, len(names), (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
     if 0 < cfg.test_limit < len(test_set):
-        test_set = (Digits(*(t[:cfg.test_limit] for t in test_set.tensors), cfg.image_size) if isinstance(test_set, Digits)
-                    else torch.utils.data.Subset(test_set, range(cfg.test_limit)))
-    return model, train_set, test_set, names
+        test_set = torch.utils.data.Subset(test_set, range(cfg.test_limit))
+    return model, train_set, test_set
 
 
-def _batch(ds, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(ds, "batch"):
-        return ds.batch(idx)
+def _batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(ds, torch.utils.data.TensorDataset):
+        return ds[idx]
     items = [ds[i] for i in idx.tolist()]
     return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
 
 
 @torch.no_grad()
-def evaluate(model: ConceptTuner, ds, device: torch.device, batch_size: int = 100) -> Dict[str, float]:
+def evaluate(model: ConceptTuner, ds, device: torch.device, batch_size: int = 100) -> dict[str, float]:
     """Top-1 of the main head and (concept) of the IB head on ``ds``; "acc" = max of the two (§6)."""
     model.eval()
-    hits: Dict[str, int] = {}
-    n = len(ds)
-    for s in range(0, n, batch_size):
-        x, y = _batch(ds, torch.arange(s, min(n, s + batch_size)))
+    hits: dict[str, int] = {}
+    for s in range(0, len(ds), batch_size):
+        x, y = _batch(ds, torch.arange(s, min(len(ds), s + batch_size)))
         for k, v in model.predict(x.to(device)).items():
             hits[k] = hits.get(k, 0) + int((v.argmax(1).cpu() == y).sum())
     model.train()
-    acc = {f"acc_{k}": v / n for k, v in hits.items()}
-    acc["acc"] = max(acc.values())
-    return acc
+    acc = {f"acc_{k}": v / len(ds) for k, v in hits.items()}
+    return {**acc, "acc": max(acc.values())}
 
 
-def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = None) -> List[dict]:
+def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None) -> list[dict]:
     """Train per ``cfg``; returns the per-epoch metric rows (also appended to <out>/metrics.jsonl).
 
     ``on_step(global_step, model)`` is called after each completed step (tests use it). Ctrl-C (SIGINT)
@@ -186,32 +171,28 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
     rank, world, device = _setup_distributed()
     if cfg.amp and device.type != "cuda":
         raise ValueError("--amp uses CUDA autocast (bfloat16) and needs a GPU; this run is on the CPU")
-    out = Path(cfg.out)
-    ckpt_path = out / CHECKPOINT
+    out, ckpt_path = Path(cfg.out), Path(cfg.out) / CHECKPOINT
     if rank == 0 and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output dir {out} is not empty; pass --resume to continue it or --overwrite to replace it")
+        raise FileExistsError(f"output dir {out} is not empty; pass --resume to continue it or --overwrite "
+                              "to replace it")
+    conf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    if ckpt is not None:
-        diff = {k: (ckpt["config"].get(k), getattr(cfg, k)) for k in _RESUME_KEYS
-                if ckpt["config"].get(k) != (list(v) if isinstance(v := getattr(cfg, k), tuple) else v)}
-        if diff:
-            raise CheckpointError(f"{ckpt_path} was written with a different configuration: {diff} (saved, given)")
+    diff = {k: (ckpt["config"].get(k), conf[k]) for k in _RESUME_KEYS if ckpt and ckpt["config"].get(k) != conf[k]}
+    if diff:
+        raise CheckpointError(f"{ckpt_path} was written with a different configuration: {diff} (saved, given)")
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model, train_set, test_set, names = build(cfg, device)
+    model, train_set, test_set = build(cfg, device)
     hflip = cfg.data is not None if cfg.hflip is None else cfg.hflip  # flips change digits
     min_crop = cfg.min_crop or (0.2 if cfg.data is not None else 0.6)  # 20% crops of a digit are strokes
     opt = torch.optim.SGD(model.param_groups(cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
-    if cfg.schedule == "cos":
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs)
-    elif cfg.schedule == "multistep":
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1)
-    else:
+    if cfg.schedule not in ("multistep", "cos"):
         raise ValueError(f"schedule must be 'multistep' or 'cos', got {cfg.schedule!r}")
-    state = dict(epoch=0, step_in_epoch=0, global_step=0)
-    history: List[dict] = []
+    sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cos"
+             else torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1))
+    state, history = dict(epoch=0, step_in_epoch=0, global_step=0), []
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -222,35 +203,35 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
     elif rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "metrics.jsonl").write_text("")
-    net = model
-    if world > 1:
-        # queues stay equal through the all-gather in step(); BN buffers stay per rank (rank 0's are saved)
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                                        broadcast_buffers=False)
+    # queues stay equal through the all-gather in step(); BN buffers stay per rank (rank 0's are saved)
+    net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
     per_step = cfg.batch_size * world
     steps = cfg.iters_per_epoch or len(train_set) // per_step
     if steps < 1:
-        raise ValueError(f"{len(train_set)} training images are fewer than one batch ({cfg.batch_size} x {world} ranks)")
-    interrupted = {"n": 0}
+        raise ValueError(f"{len(train_set)} training images are fewer than one batch "
+                         f"({cfg.batch_size} x {world} ranks)")
+    interrupts = []
 
     def on_sigint(signum, frame):
-        interrupted["n"] += 1
-        if interrupted["n"] > 1:
+        interrupts.append(signum)
+        if len(interrupts) > 1:
             raise KeyboardInterrupt
         if rank == 0:
             print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def save() -> None:
-        rngs = [None] * world
+        rngs = [_rng_state()] * world
         if world > 1:
-            dist.all_gather_object(rngs, _rng_state())
-        else:
-            rngs = [_rng_state()]
+            dist.all_gather_object(rngs, rngs[rank])
         if rank == 0:
-            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                             state=dict(state), history=history, rng=rngs, config=_config_dict(cfg)), ckpt_path)
+            tmp = ckpt_path.with_name(CHECKPOINT + ".tmp")
+            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                            state=dict(state), history=history, rng=rngs, config=conf), tmp)
+            os.replace(tmp, ckpt_path)
 
-    old_handler = signal.signal(signal.SIGINT, on_sigint) if threading.current_thread() is threading.main_thread() else None
+    main_thread = threading.current_thread() is threading.main_thread()
+    old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
     try:
         from tqdm.auto import tqdm
 
@@ -260,14 +241,14 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
             reps = -(-steps * per_step // len(train_set))
             order = torch.cat([torch.randperm(len(train_set), generator=g) for _ in range(reps)])
             model.train()
-            sums: Dict[str, float] = state.pop("sums", None) or {"n": 0.0}  # running means survive a resume
-            t0, done = time.perf_counter(), 0
+            sums: dict[str, float] = state.pop("sums", None) or {"n": 0.0}  # running means survive a resume
+            t0, start = time.perf_counter(), state["step_in_epoch"]
             bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and rank == 0), leave=False)
-            while state["step_in_epoch"] < steps:
+            while state["step_in_epoch"] < steps and not interrupts:
                 s = state["step_in_epoch"]
-                x, y = _batch(train_set, order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size])
-                x, y = x.to(device), y.to(device)
+                idx = order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size]
+                x, y = (t.to(device) for t in _batch(train_set, idx))
                 views = make_views(x, cfg.image_size, model.num_views, hflip, min_crop)
                 with torch.autocast("cuda", torch.bfloat16, enabled=cfg.amp):
                     res = net(views, y)
@@ -276,39 +257,39 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
                 opt.step()
                 state["step_in_epoch"] += 1
                 state["global_step"] += 1
-                done += 1
                 sums["n"] += 1
-                for k in ("loss", "ce", "img", "con", "ce_ib", "kl"):
+                res["acc"] = (res["logits"].argmax(1) == y).float().mean()
+                for k in ("loss", "ce", "img", "con", "ce_ib", "kl", "acc"):
                     sums[k] = sums.get(k, 0.0) + float(res[k].detach())
-                sums["acc"] = sums.get("acc", 0.0) + float((res["logits"].argmax(1) == y).float().mean())
-                rate = done * per_step / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}", img_s=f"{rate:.1f}")
+                bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}",
+                                img_s=f"{(s + 1 - start) * per_step / (time.perf_counter() - t0):.1f}")
                 bar.update()
                 if on_step is not None:
                     on_step(state["global_step"], model)
-                if interrupted["n"]:
-                    bar.close()
-                    state["sums"] = sums
-                    save()
-                    if rank == 0:
-                        print(f"saved {ckpt_path} at epoch {epoch + 1}, step {s + 1}/{steps}; continue with --resume")
-                    return history
             bar.close()
-            secs = time.perf_counter() - t0
+            if interrupts:
+                state["sums"] = sums
+                save()
+                if rank == 0:
+                    print(f"saved {ckpt_path} at epoch {epoch + 1}, step {state['step_in_epoch']}/{steps}; "
+                          "continue with --resume")
+                return history
+            secs, done = time.perf_counter() - t0, state["step_in_epoch"] - start
             with warnings.catch_warnings():  # resumed right at an epoch end: no optimizer.step() yet here
                 warnings.simplefilter("ignore", UserWarning)
                 sched.step()
-            row = dict(epoch=epoch + 1, step=state["global_step"], **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"},
+            row = dict(epoch=epoch + 1, step=state["global_step"],
+                       **{f"train_{k}": v / sums["n"] for k, v in sums.items() if k != "n"},
                        sec_per_step=secs / max(done, 1), img_per_sec=done * per_step / secs,
                        lr=opt.param_groups[-1]["lr"])
             if rank == 0:
                 row.update(evaluate(model, test_set, device))
                 with open(out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(row) + "\n")
+                ib = f" / IB {row['acc_ib']:.3f}" if "acc_ib" in row else ""
                 print(f"[{cfg.method}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.3f}, train acc "
-                      f"{row['train_acc']:.3f}, test acc main {row['acc_main']:.3f}"
-                      + (f" / IB {row['acc_ib']:.3f}" if "acc_ib" in row else "")
-                      + f", {row['sec_per_step']:.2f} s/step, {row['img_per_sec']:.1f} img/s", flush=True)
+                      f"{row['train_acc']:.3f}, test acc main {row['acc_main']:.3f}{ib}, "
+                      f"{row['sec_per_step']:.2f} s/step, {row['img_per_sec']:.1f} img/s", flush=True)
             history.append(row)
             state.update(epoch=epoch + 1, step_in_epoch=0)
             save()
@@ -316,8 +297,3 @@ def run(cfg: Config, on_step: Optional[Callable[[int, ConceptTuner], None]] = No
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return history
-
-
-def _config_dict(cfg: Config) -> dict:
-    d = dataclasses.asdict(cfg)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
