@@ -6,7 +6,7 @@
 """
 from .backbones import create_backbone, remap_lite0
 from .model import METHODS, PATCH_MODES, ConceptTuner
-from .patches import grouped_batch_norm, roi_align
+from ..method import grouped_batch_norm, roi_align
 from .trainer import CheckpointError, Config, evaluate, run
 
 __all__ = ["METHODS", "PATCH_MODES", "CheckpointError", "ConceptTuner", "Config", "create_backbone", "evaluate",

@@ -12,7 +12,7 @@ from torch import nn
 
 import concept_kernels as ck
 
-from .patches import grouped_batch_norm, roi_align
+from ..method import grouped_batch_norm, roi_align
 
 METHODS = ("concept", "vanilla", "linear", "bituning", "surgical")
 PATCH_MODES = ("image", "roi")

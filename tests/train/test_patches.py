@@ -6,7 +6,7 @@ import torch
 
 from concept_kernels.train import roi_align
 from concept_kernels.train.backbones import create_backbone
-from concept_kernels.train.patches import grouped_batch_norm
+from concept_kernels.method import grouped_batch_norm
 
 
 def _bilinear(img, y, x):
