@@ -24,14 +24,20 @@ namespace ot_host {
 
 constexpr const char* kOp = "ot_similarity";
 
-// values of an int64 CPU tensor lie in [0, upper)
+// values of an int64 CPU tensor lie in [0, upper) (a min/max pass that vectorizes; the first bad
+// value is looked up only to report it)
 inline void check_range(const at::Tensor& t, int64_t upper, const char* name) {
   const int64_t* d = t.data_ptr<int64_t>();
   const int64_t n = t.numel();
-  int64_t bad = -1;
-  for (int64_t e = 0; e < n && bad < 0; ++e)
-    if (d[e] < 0 || d[e] >= upper) bad = e;
-  TORCH_CHECK(bad < 0, kOp, ": ", name, " values must lie in [0, ", upper, "), got ", bad < 0 ? 0 : d[bad]);
+  if (n == 0) return;
+  int64_t lo = d[0], hi = d[0];
+  for (int64_t e = 1; e < n; ++e) {
+    lo = std::min(lo, d[e]);
+    hi = std::max(hi, d[e]);
+  }
+  if (lo >= 0 && hi < upper) return;
+  const int64_t* bad = std::find_if(d, d + n, [upper](int64_t v) { return v < 0 || v >= upper; });
+  TORCH_CHECK(false, kOp, ": ", name, " values must lie in [0, ", upper, "), got ", *bad);
 }
 
 // CPU: t is on the CPU; CUDA: t is on query's device
