@@ -117,14 +117,15 @@ def test_gradients_match_reference_autograd(select):
 
 @needs_ext
 @pytest.mark.parametrize("select", SELECTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_backward_over_many_pieces_of_bank_rows(select, dtype):
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 200), (torch.float64, 200), (torch.float32, 301)])
+def test_backward_over_many_pieces_of_bank_rows(select, dtype, dim):
     """The CPU backward cuts the problems (in bank-row order) into pieces of at most 256 KB of bank
     rows, buckets each piece's entries by output row and sums pieces into up to 16 span accumulators
     fixed by the shapes. 1,200 problems over 400 rows of 9 x 200 (about 11 pieces; select=cost has
-    81 entries per problem, more pieces) against a float64 scatter of the selected entries, and
-    bitwise equal with 1 and 2 threads."""
-    q, b, i = ot_problem(4, 300, 400, dim=200, seed=31, dtype=dtype)
+    81 entries per problem, more pieces; D = 301 = a block of 16 zmm, 2 vectors, a half vector and
+    5 single columns) against a float64 scatter of the selected entries, and bitwise equal with 1
+    and 2 threads."""
+    q, b, i = ot_problem(4, 300, 400, dim=dim, seed=31, dtype=dtype)
     k = 5 if select == "topk" else 3
     choice = torch.randint(k, (4, 300)) if select == "sample" else None
     out, aux = _fwd(q, b, i, select, k, choice)
