@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import time
 from typing import Callable, Dict, List, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -162,9 +163,13 @@ class BenchHelper:
             fn()
             _sync(device)  # pytest-benchmark times on the host: wait for the GPU (anti-pattern 11)
 
+        shape_rounds = rounds
+        if not os.environ.get("BENCH_ROUNDS") and not benchmark.disabled:
+            rounds = _adaptive_rounds(timed, setup, rounds)
         info = benchmark.extra_info
         info.update(op=op, provider=provider, mode=mode, shape=shape.id, shape_desc=shape.describe(),
                     device=str(device), dtype=str(dtype).replace("torch.", ""), rounds=rounds,
+                    shape_rounds=shape_rounds,
                     torch_threads=torch.get_num_threads(), loadavg_before=round(os.getloadavg()[0], 2))
         if extra:
             info.update(extra)
@@ -179,6 +184,20 @@ class BenchHelper:
             if peak is not None:
                 info["peak_mb"] = round(peak, 1)
 
+
+
+MIN_SECONDS, MAX_ROUNDS = 1.0, 50
+
+
+def _adaptive_rounds(timed: Callable[[], None], setup: Optional[Callable[[], object]], rounds: int) -> int:
+    """At least ``rounds``; a fast provider gets about MIN_SECONDS of calls (at most MAX_ROUNDS):
+    the median of 3 calls of a 20 ms provider moved by 10% between runs. Costs one extra call
+    (a second warm-up)."""
+    if setup is not None:
+        setup()
+    t0 = time.perf_counter()
+    timed()
+    return max(rounds, min(MAX_ROUNDS, int(MIN_SECONDS / max(time.perf_counter() - t0, 1e-6))))
 
 @pytest.fixture(scope="session")
 def bench() -> BenchHelper:

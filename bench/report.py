@@ -63,6 +63,8 @@ def _notes(b: dict) -> str:
         notes.append("one call per query, `.item()` per iteration")
     if e.get("mode") == "fwd_bwd" and "bcc_mb" in e and e.get("op") == "channel_attention":
         notes.append(f"B·C·C fp32 = {e['bcc_mb']:g} MB")
+    if "rounds" in e:
+        notes.append(f"{e['rounds']} rounds")
     lo, hi = e.get("loadavg_before"), e.get("loadavg_after")
     if lo is not None and hi is not None:
         notes.append(f"load {lo:g}→{hi:g}")
@@ -78,7 +80,8 @@ def _table(group: str, benches: List[dict], skipped: List[dict]) -> List[str]:
     op, mode, shape = group.split("-", 2)
     out = [f"### {op} · {mode.replace('_', '+')} · {shape}", "",
            f"{e0.get('shape_desc', '')}; {e0.get('device', '?')}, {e0.get('dtype', '?')}, "
-           f"{e0.get('rounds', '?')} timed rounds after 1 warm-up.", "",
+           f"at least {e0.get('shape_rounds', e0.get('rounds', '?'))} timed rounds per provider after 1 warm-up "
+           f"(fast providers: about 1 s of calls, at most 50; `rounds` in the notes).", "",
            "| provider | median (ms) | IQR (ms) | min (ms) | vs reference | peak MB | notes |",
            "|---|---:|---:|---:|---:|---:|---|"]
     for b in benches:
