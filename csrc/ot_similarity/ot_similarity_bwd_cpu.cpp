@@ -146,9 +146,9 @@ std::pair<const char*, const char*> rows_range(const BwdJob<T>& J, int64_t m0, i
 }
 
 // The piece of problems order[n0 .. n1) into acc (B * P rows of D), fetching the bank rows of the
-// next piece (problems [n1, n2)) into L2 meanwhile.
+// next piece (problems [n1, n2)) into L2 meanwhile. (A worker: everything inlined into it.)
 template <typename T>
-inline void run_piece(const BwdJob<T>& J, int64_t n0, int64_t n1, int64_t n2, T* acc, PieceScratch<T>& s) {
+CK_CPU_WORKER void run_piece(const BwdJob<T>& J, int64_t n0, int64_t n1, int64_t n2, T* acc, PieceScratch<T>& s) {
   constexpr int64_t kAhead = 16;  // problems ahead whose index / selection / grad_out are prefetched
   const int64_t P = J.P, D = J.D, BP = J.B * P, n = (n1 - n0) * J.per;
   s.raw.resize(n);
@@ -196,26 +196,10 @@ inline void run_piece(const BwdJob<T>& J, int64_t n0, int64_t n1, int64_t n2, T*
   auto [pf, pf_end] = rows_range(J, n1, n2);
   const int64_t pf_lines = (pf_end - pf) / 64, pf_step = (pf_lines + BP - 1) / BP;
   for (int64_t r = 0; r < BP; ++r) {
-    if (s.start[r + 1] > s.start[r]) accumulate_row(acc + r * D, s.sorted.data() + s.start[r], s.start[r + 1] - s.start[r], D);
+    if (s.start[r + 1] > s.start[r])
+      accumulate_row(acc + r * D, s.sorted.data() + s.start[r], s.start[r + 1] - s.start[r], D);
     for (int64_t l = 0; l < pf_step && pf < pf_end; ++l, pf += 64) __builtin_prefetch(pf, 0, 2);
   }
-}
-
-CK_CPU_WORKER void run_piece_f32(const BwdJob<float>& J, int64_t n0, int64_t n1, int64_t n2, float* acc,
-                                 PieceScratch<float>& s) {
-  run_piece(J, n0, n1, n2, acc, s);
-}
-CK_CPU_WORKER void run_piece_f64(const BwdJob<double>& J, int64_t n0, int64_t n1, int64_t n2, double* acc,
-                                 PieceScratch<double>& s) {
-  run_piece(J, n0, n1, n2, acc, s);
-}
-inline void run_piece_any(const BwdJob<float>& J, int64_t n0, int64_t n1, int64_t n2, float* acc,
-                          PieceScratch<float>& s) {
-  run_piece_f32(J, n0, n1, n2, acc, s);
-}
-inline void run_piece_any(const BwdJob<double>& J, int64_t n0, int64_t n1, int64_t n2, double* acc,
-                          PieceScratch<double>& s) {
-  run_piece_f64(J, n0, n1, n2, acc, s);
 }
 
 // Pieces [n0, n1) of the problem order: a new piece starts at a new bank row once the piece's rows
@@ -255,7 +239,7 @@ void run_bwd(const BwdJob<T>& J) {
     PieceScratch<T> scratch;
     T* acc = span == 0 ? J.gq : partial.data() + (span - 1) * rows;
     for (int64_t c = span * n_pieces / n_spans; c < (span + 1) * n_pieces / n_spans; ++c)
-      run_piece_any(J, pieces[c].first, pieces[c].second, c + 1 < n_pieces ? pieces[c + 1].second : Q, acc,
+      run_piece(J, pieces[c].first, pieces[c].second, c + 1 < n_pieces ? pieces[c + 1].second : Q, acc,
                     scratch);
   }
   if (n_spans == 1) return;
