@@ -27,55 +27,72 @@ constexpr int kW = 8;   // one ymm (AVX2), two xmm on the baseline
 constexpr int kMR = 3;  // 3 x 4 accumulators + operands fit 16 registers
 constexpr int kNC = 4;
 #endif
+constexpr int kH = 8;  // columns are padded to half vectors: a last half vector (ymm) where kW = 16
 typedef float Vec __attribute__((vector_size(kW * sizeof(float))));
+typedef float Half __attribute__((vector_size(kH * sizeof(float))));
 
-// Leading dimension of the packed operand and of S for `cols` columns.
-inline int64_t padded(int64_t cols) { return (cols + kW - 1) / kW * kW; }
+// Leading dimension of the packed operand and of S for `cols` columns: a multiple of 8, not of
+// the vector (72 query patches at B = 8: 4.5 zmm; padding to 80 did 11% more FMAs).
+inline int64_t padded(int64_t cols) { return (cols + kH - 1) / kH * kH; }
 
-inline Vec load(const float* p) {
-  Vec v;
+template <typename V>
+inline V load(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
 
-template <int MR, int NC>
+// Rows [0, MR) x (NC vectors + NH half vectors) of S.
+template <int MR, int NC, int NH>
 inline void tile(const float* a, int64_t K, const float* bt, int64_t ldb, float* s) {
-  Vec acc[MR][NC] = {};
+  Vec acc[MR][NC > 0 ? NC : 1] = {};
+  Half acch[MR][NH > 0 ? NH : 1] = {};
   for (int64_t k = 0; k < K; ++k) {
-    Vec q[NC];
-    for (int n = 0; n < NC; ++n) q[n] = load(bt + k * ldb + kW * n);
+    Vec q[NC > 0 ? NC : 1];
+    Half qh[NH > 0 ? NH : 1];
+    for (int n = 0; n < NC; ++n) q[n] = load<Vec>(bt + k * ldb + kW * n);
+    for (int n = 0; n < NH; ++n) qh[n] = load<Half>(bt + k * ldb + kW * NC + kH * n);
     for (int m = 0; m < MR; ++m) {
-      const Vec x = Vec{} + a[m * K + k];
+      const float x = a[m * K + k];
       for (int n = 0; n < NC; ++n) acc[m][n] += x * q[n];
+      for (int n = 0; n < NH; ++n) acch[m][n] += x * qh[n];
     }
   }
-  for (int m = 0; m < MR; ++m)
+  for (int m = 0; m < MR; ++m) {
     for (int n = 0; n < NC; ++n) std::memcpy(s + m * ldb + kW * n, &acc[m][n], sizeof(Vec));
+    for (int n = 0; n < NH; ++n) std::memcpy(s + m * ldb + kW * NC + kH * n, &acch[m][n], sizeof(Half));
+  }
 }
 
-// Column vectors [c0, c0 + NC) of rows [0, rows).
-template <int NC>
+// Columns [c0, c0 + NC * kW + NH * kH) of rows [0, rows).
+template <int NC, int NH>
 inline void column_block(const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb, float* s, int64_t c0) {
   int64_t r = 0;
-  for (; r + kMR <= rows; r += kMR) tile<kMR, NC>(a + r * K, K, bt + kW * c0, ldb, s + r * ldb + kW * c0);
-  for (; r < rows; ++r) tile<1, NC>(a + r * K, K, bt + kW * c0, ldb, s + r * ldb + kW * c0);
+  for (; r + kMR <= rows; r += kMR) tile<kMR, NC, NH>(a + r * K, K, bt + c0, ldb, s + r * ldb + c0);
+  for (; r < rows; ++r) tile<1, NC, NH>(a + r * K, K, bt + c0, ldb, s + r * ldb + c0);
 }
 
-template <int NC = 1>
-inline void remainder_block(int nc, const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb, float* s,
-                            int64_t c0) {
+// The last block: nc < kNC vectors, plus a half vector when nh = 1.
+template <int NC = 0>
+inline void remainder_block(int nc, int nh, const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb,
+                            float* s, int64_t c0) {
   if constexpr (NC < kNC) {
-    if (nc == NC) return column_block<NC>(a, rows, K, bt, ldb, s, c0);
-    remainder_block<NC + 1>(nc, a, rows, K, bt, ldb, s, c0);
+    if (nc == NC) {
+      if (nh == 1) return column_block<NC, 1>(a, rows, K, bt, ldb, s, c0);
+      if constexpr (NC > 0) return column_block<NC, 0>(a, rows, K, bt, ldb, s, c0);
+      return;
+    }
+    remainder_block<NC + 1>(nc, nh, a, rows, K, bt, ldb, s, c0);
   }
 }
 
 // S (rows, ldb) = A (rows, K) @ Bt (K, ldb); ldb = padded(columns).
 inline void multiply(const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb, float* s) {
   const int64_t vecs = ldb / kW;
+  const int nh = static_cast<int>((ldb % kW) / kH);
   int64_t c0 = 0;
-  for (; c0 + kNC <= vecs; c0 += kNC) column_block<kNC>(a, rows, K, bt, ldb, s, c0);
-  if (c0 < vecs) remainder_block(static_cast<int>(vecs - c0), a, rows, K, bt, ldb, s, c0);
+  for (; c0 + kNC * kW <= vecs * kW; c0 += kNC * kW) column_block<kNC, 0>(a, rows, K, bt, ldb, s, c0);
+  remainder_block(static_cast<int>(vecs - c0 / kW), nh, a, rows, K, bt, ldb, s, c0);
 }
 
 // Bt (K, ldb) from B (cols, K) row-major: the transpose, zero-padded to ldb = padded(cols) columns.

@@ -319,6 +319,22 @@ def test_many_chunks_of_bank_rows():
 
 
 @needs_ext
+@pytest.mark.parametrize("batch,patches", [(2, 4), (2, 9), (8, 9), (11, 9), (3, 16)])
+def test_gemm_costs_for_every_column_layout(batch, patches):
+    """The float forward's GEMM packs the B*P query patches as columns padded to a multiple of 8:
+    blocks of full vectors, then fewer vectors and a half vector (B*P = 8, 18, 72, 99, 48 cover a
+    half vector alone, after one, after four, after a full block and one, and none). The similarity
+    at every selected entry must be the float64 dot product of its two patches."""
+    q, b, i = ot_problem(batch, 30, 40, patches=patches, dim=37, seed=31, dtype=torch.float32)
+    out, aux = _fwd(q, b, i, "topk", 7)
+    rows, cols = aux // patches, aux % patches  # (B, M, k): query patch, bank patch
+    qb = q.double()[torch.arange(batch)[:, None, None], rows]  # (B, M, k, D)
+    kb = b.double()[i[..., None], cols]
+    torch.testing.assert_close(out.double(), (qb * kb).sum(-1), atol=2e-6, rtol=0)
+    _check_selection(out, aux, q, b, i, k=7)
+
+
+@needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_costs_from_the_gemm_and_from_dot_products_agree(dtype):
     """A bank about as large as the sets per query (R <= 2M) takes its costs from one GEMM of every
