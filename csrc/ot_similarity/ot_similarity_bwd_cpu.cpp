@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <utility>
 #include <vector>
 
@@ -203,41 +204,55 @@ CK_CPU_WORKER void run_piece(const BwdJob<T>& J, int64_t n0, int64_t n1, int64_t
 }
 
 // Pieces [n0, n1) of the problem order: a new piece starts at a new bank row once the piece's rows
-// would exceed kPieceBytes, or anywhere once its entries would exceed kPieceEntries.
+// would exceed kPieceBytes, or anywhere once its entries would exceed kPieceEntries. Walks the
+// runs of one bank row (their ends from the row starts of the counting sort when it has them).
 template <typename T>
-std::vector<std::pair<int64_t, int64_t>> pieces_of(const BwdJob<T>& J, int64_t Q) {
+std::vector<std::pair<int64_t, int64_t>> pieces_of(const BwdJob<T>& J, const ot::RowOrder& ro, int64_t Q) {
   const int64_t row_bytes = J.P * J.D * static_cast<int64_t>(sizeof(T));
   std::vector<std::pair<int64_t, int64_t>> pieces;
-  int64_t n0 = 0, bytes = 0, entries = 0, prev = -1;
-  for (int64_t q = 0; q < Q; ++q) {
-    const int64_t r = J.index[J.order[q]];
-    const bool new_row = r != prev;
-    if (q > n0 && ((new_row && bytes + row_bytes > kPieceBytes) || entries + J.per > kPieceEntries)) {
-      pieces.emplace_back(n0, q);
-      n0 = q;
-      bytes = entries = 0;
+  int64_t n0 = 0, bytes = 0, entries = 0;
+  auto cut = [&](int64_t q) {
+    pieces.emplace_back(n0, q);
+    n0 = q;
+    bytes = entries = 0;
+  };
+  for (int64_t q0 = 0, q1; q0 < Q; q0 = q1) {
+    const int64_t r = J.index[J.order[q0]];
+    if (!ro.start.empty()) {
+      q1 = ro.start[r + 1];
+    } else {
+      for (q1 = q0 + 1; q1 < Q && J.index[J.order[q1]] == r;) ++q1;
     }
-    if (new_row || bytes == 0) bytes += row_bytes;
-    entries += J.per;
-    prev = r;
+    if (q0 > n0 && bytes + row_bytes > kPieceBytes) cut(q0);
+    bytes += row_bytes;
+    for (int64_t q = q0; q < q1;) {
+      if (entries + J.per > kPieceEntries) {
+        cut(q);
+        bytes = row_bytes;
+      }
+      const int64_t take = std::min(q1 - q, (kPieceEntries - entries) / J.per);
+      entries += take * J.per;
+      q += take;
+    }
   }
   if (Q > n0) pieces.emplace_back(n0, Q);
   return pieces;
 }
 
 template <typename T>
-void run_bwd(const BwdJob<T>& J) {
+void run_bwd(const BwdJob<T>& J, const ot::RowOrder& ro) {
   const int64_t Q = J.B * J.M, rows = J.B * J.P * J.D;
-  const std::vector<std::pair<int64_t, int64_t>> pieces = pieces_of(J, Q);
+  const std::vector<std::pair<int64_t, int64_t>> pieces = pieces_of(J, ro, Q);
   const int64_t n_pieces = static_cast<int64_t>(pieces.size());
   const int64_t by_memory = std::max<int64_t>(1, kSpansBytes / std::max<int64_t>(1, rows * sizeof(T)));
   const int64_t n_spans = std::max<int64_t>(1, std::min({kMaxSpans, n_pieces, by_memory}));
-  std::vector<T> partial((n_spans - 1) * rows, T(0));
+  std::unique_ptr<T[]> partial(new T[(n_spans - 1) * rows]);  // zeroed by the threads
   // static: each thread takes consecutive spans, so the piece after a span's last is its next work
 #pragma omp parallel for schedule(static) if (n_spans > 1)
   for (int64_t span = 0; span < n_spans; ++span) {
     PieceScratch<T> scratch;
-    T* acc = span == 0 ? J.gq : partial.data() + (span - 1) * rows;
+    T* acc = span == 0 ? J.gq : partial.get() + (span - 1) * rows;
+    if (span > 0) std::fill(acc, acc + rows, T(0));
     for (int64_t c = span * n_pieces / n_spans; c < (span + 1) * n_pieces / n_spans; ++c)
       run_piece(J, pieces[c].first, pieces[c].second, c + 1 < n_pieces ? pieces[c + 1].second : Q, acc,
                     scratch);
@@ -247,7 +262,7 @@ void run_bwd(const BwdJob<T>& J) {
 #pragma omp parallel for schedule(static) if (rows > 4 * kBlock)
   for (int64_t x0 = 0; x0 < rows; x0 += kBlock)
     for (int64_t span = 1; span < n_spans; ++span) {
-      const T* src = partial.data() + (span - 1) * rows;
+      const T* src = partial.get() + (span - 1) * rows;
       for (int64_t x = x0; x < std::min(rows, x0 + kBlock); ++x) J.gq[x] += src[x];
     }
 }
@@ -278,7 +293,7 @@ at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor
       J.row_of[e] = static_cast<uint8_t>(e / sh.P);
       J.col_of[e] = static_cast<uint8_t>(e % sh.P);
     }
-    run_bwd(J);
+    run_bwd(J, ro);
   });
   return gq;
 }

@@ -115,19 +115,11 @@ def test_gradients_match_reference_autograd(select):
     assert_close(grads[0], grads[1], name=f"grad {select}")
 
 
-@needs_ext
-@pytest.mark.parametrize("select", SELECTS)
-@pytest.mark.parametrize("dtype,dim", [(torch.float32, 200), (torch.float64, 200), (torch.float32, 301)])
-def test_backward_over_many_pieces_of_bank_rows(select, dtype, dim):
-    """The CPU backward cuts the problems (in bank-row order) into pieces of at most 256 KB of bank
-    rows, buckets each piece's entries by output row and sums pieces into up to 16 span accumulators
-    fixed by the shapes. 1,200 problems over 400 rows of 9 x 200 (about 11 pieces; select=cost has
-    81 entries per problem, more pieces; D = 301 = a block of 16 zmm, 2 vectors, a half vector and
-    5 single columns) against a float64 scatter of the selected entries, and bitwise equal with 1
-    and 2 threads."""
-    q, b, i = ot_problem(4, 300, 400, dim=dim, seed=31, dtype=dtype)
+def _check_backward_pieces(q, b, i, select, dtype):
+    """The fused CPU backward against a float64 scatter of the selected entries, and bitwise equal
+    with 1 and 2 threads."""
     k = 5 if select == "topk" else 3
-    choice = torch.randint(k, (4, 300)) if select == "sample" else None
+    choice = torch.randint(k, i.shape) if select == "sample" else None
     out, aux = _fwd(q, b, i, select, k, choice)
     go = torch.randn(out.shape, dtype=dtype)
     grads = []
@@ -150,6 +142,34 @@ def test_backward_over_many_pieces_of_bank_rows(select, dtype, dim):
         want.scatter_add_(1, rows.reshape(B, -1, 1).expand(-1, -1, D),
                           (go.double()[..., None] * picked).reshape(B, -1, D))
     assert_close(grads[0], want.to(dtype), name=f"grad {select} {dtype}")
+
+
+@needs_ext
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("dtype,dim", [(torch.float32, 200), (torch.float64, 200), (torch.float32, 301)])
+def test_backward_over_many_pieces_of_bank_rows(select, dtype, dim):
+    """The CPU backward cuts the problems (in bank-row order) into pieces of at most 256 KB of bank
+    rows, buckets each piece's entries by output row and sums pieces into up to 16 span accumulators
+    fixed by the shapes. 1,200 problems over 400 rows of 9 x 200 (about 11 pieces; select=cost has
+    81 entries per problem, more pieces; D = 301 = a block of 16 zmm, 2 vectors, a half vector and
+    5 single columns)."""
+    q, b, i = ot_problem(4, 300, 400, dim=dim, seed=31, dtype=dtype)
+    _check_backward_pieces(q, b, i, select, dtype)
+
+
+@needs_ext
+@pytest.mark.parametrize("select", SELECTS)
+@pytest.mark.parametrize("layout", ["rows_shared_by_thousands", "bank_far_larger_than_problems"])
+def test_backward_pieces_cut_inside_a_row_and_without_row_starts(select, layout):
+    """Pieces also end inside one bank row once they hold 16,384 entries (2 rows shared by 9,600
+    problems: 24,000 entries per row for topk, 388,800 for cost), and are found by scanning the
+    problem order when the bank is too large for the counting sort's row starts (R > 4 * problems
+    + 1024)."""
+    if layout == "rows_shared_by_thousands":
+        q, b, i = ot_problem(16, 600, 2, dim=24, seed=37)
+    else:
+        q, b, i = ot_problem(2, 100, 2000, dim=24, seed=41)
+    _check_backward_pieces(q, b, i, select, torch.float32)
 
 
 @needs_ext
