@@ -316,15 +316,20 @@ struct SinkhornLanes {
     }
   }
 
-  // Fold the scalings into the potentials and write lp[e] = log pi_e = (f_i + g_j - C_ij)/eps.
-  void log_plan(V* lp) {
+  // Fold the scalings into the potentials and write lp[e] = eps log pi_e = f_i + g_j - C_ij, or
+  // log pi_e itself when `scaled`. Ranking needs no division per entry: x -> x / eps (eps > 0,
+  // correctly rounded) never reverses an order, so eps log pi ranks as log pi does (it can only
+  // keep apart two entries the division would round to a tie).
+  void log_plan(V* lp, bool scaled) {
     const int p = np();
     for (int i = 0; i < p; ++i) {
       f0[i] = f0[i] + eps * lg(u[i]);
       g0[i] = g0[i] + eps * lg(v[i]);
     }
     for (int i = 0; i < p; ++i)
-      for (int j = 0; j < p; ++j) lp[i * p + j] = ((f0[i] + g0[j]) - C[i * p + j]) / eps;
+      for (int j = 0; j < p; ++j) lp[i * p + j] = (f0[i] + g0[j]) - C[i * p + j];
+    if (scaled)
+      for (int e = 0; e < p * p; ++e) lp[e] = lp[e] / eps;
   }
 
   // rank[r] (lanes) = flat index of the r-th largest entry of lp, r < k (ties: lowest flat index,
@@ -415,7 +420,7 @@ struct SinkhornLanes {
   void write_outputs(const FwdArgs<float>& A, const int64_t* probs, int used) {
     const int n = np() * np();
     V lp[CAP * CAP];
-    log_plan(lp);
+    log_plan(lp, A.select == kSelectCost);
     if (A.select == kSelectCost) {
       V acc{};
       for (int e = 0; e < n; ++e) {
