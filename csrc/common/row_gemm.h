@@ -12,6 +12,7 @@
 #error "row_gemm.h is host-only"
 #endif
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -95,10 +96,78 @@ inline void multiply(const float* a, int64_t rows, int64_t K, const float* bt, i
   remainder_block(static_cast<int>(vecs - c0 / kW), nh, a, rows, K, bt, ldb, s, c0);
 }
 
-// Bt (K, ldb) from B (cols, K) row-major: the transpose, zero-padded to ldb = padded(cols) columns.
-inline void pack_transposed(const float* b, int64_t cols, int64_t K, int64_t ldb, float* bt) {
+// ---- column groups: S[:, c .. c + 8) for a listed set of 8-column groups only -------------------
+// For a product where each row needs only some columns (ot_similarity: a bank row is matched with
+// the queries that index it, about 63% of them with a random index). Tiles of kGR rows x kGC
+// groups; each group has its own pointer into Bt, so any set of groups costs what it computes.
+#if defined(__AVX512F__)
+constexpr int kGR = 9;  // 27 ymm accumulators of the 32 registers (9 = the method's patches per row)
+constexpr int kGC = 3;
+#else
+constexpr int kGR = 3;  // 9 accumulators + operands fit 16 registers
+constexpr int kGC = 3;
+#endif
+
+template <int MR, int NC>
+inline void group_tile(const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups, float* s,
+                       int64_t lds) {
+  Half acc[MR][NC] = {};
+  const float* b[NC];
+  for (int n = 0; n < NC; ++n) b[n] = bt + groups[n];
   for (int64_t k = 0; k < K; ++k) {
-    for (int64_t c = 0; c < cols; ++c) bt[k * ldb + c] = b[c * K + k];
+    Half q[NC];
+    for (int n = 0; n < NC; ++n) q[n] = load<Half>(b[n] + k * ldb);
+    for (int m = 0; m < MR; ++m) {
+      const float x = a[m * K + k];
+      for (int n = 0; n < NC; ++n) acc[m][n] += x * q[n];
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int n = 0; n < NC; ++n) std::memcpy(s + m * lds + groups[n], &acc[m][n], sizeof(Half));
+}
+
+// Rows [0, MR) against groups[0 .. n), n <= kGC, by the tile of exactly n groups.
+template <int MR, int NC = 1>
+inline void group_tiles(int n, const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups,
+                        float* s, int64_t lds) {
+  if constexpr (NC <= kGC) {
+    if (n == NC) return group_tile<MR, NC>(a, K, bt, ldb, groups, s, lds);
+    group_tiles<MR, NC + 1>(n, a, K, bt, ldb, groups, s, lds);
+  }
+}
+
+// Rows [0, MR) of A against every listed group.
+template <int MR>
+inline void group_rows(const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups, int n,
+                       float* s, int64_t lds) {
+  for (int c = 0; c < n; c += kGC) group_tiles<MR>(std::min(kGC, n - c), a, K, bt, ldb, groups + c, s, lds);
+}
+
+// Rows [0, mr) of A, mr < kGR, by the tile of exactly mr rows.
+template <int MR = 1>
+inline void group_rest_rows(int mr, const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups,
+                            int n, float* s, int64_t lds) {
+  if constexpr (MR < kGR) {
+    if (mr == MR) return group_rows<MR>(a, K, bt, ldb, groups, n, s, lds);
+    group_rest_rows<MR + 1>(mr, a, K, bt, ldb, groups, n, s, lds);
+  }
+}
+
+// S[r, g .. g + 8) = A[r, :] @ Bt[:, g .. g + 8) for r < rows and each g in groups[0 .. n) (column
+// offsets, multiples of 8 below ldb = padded(columns)); the other columns of S are not written.
+inline void multiply_groups(const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb,
+                            const int32_t* groups, int n, float* s) {
+  int64_t r = 0;
+  for (; r + kGR <= rows; r += kGR) group_rows<kGR>(a + r * K, K, bt, ldb, groups, n, s + r * ldb, ldb);
+  if (r < rows) group_rest_rows(static_cast<int>(rows - r), a + r * K, K, bt, ldb, groups, n, s + r * ldb, ldb);
+}
+
+// Bt (K, ldb) from B (cols, K) row-major: the transpose, zero-padded to ldb = padded(cols) columns;
+// row c of B goes to column column[c] of Bt (a permutation of [0, cols)), or to column c.
+inline void pack_transposed(const float* b, int64_t cols, int64_t K, int64_t ldb, float* bt,
+                            const int64_t* column = nullptr) {
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t c = 0; c < cols; ++c) bt[k * ldb + (column != nullptr ? column[c] : c)] = b[c * K + k];
     for (int64_t c = cols; c < ldb; ++c) bt[k * ldb + c] = 0.0f;
   }
 }

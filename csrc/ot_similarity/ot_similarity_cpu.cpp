@@ -268,15 +268,42 @@ void solve_groups(const FwdArgs<T>& A, const Workers<T>& W, const std::vector<in
                   [&](int64_t a, int64_t b) { W.final(A, Cb.data(), F.data(), G.data(), a, b); });
 }
 
+// The 8-column groups of the similarity buffer that bank row r's problems read (see FwdArgs::sim):
+// the own groups of each query that indexes r, then every group of the rest block. Its problems
+// come in p = b*M + m order (problem_order is stable), so each query shows up in one run.
+int row_groups(const FwdArgs<float>& A, const RowOrder& ro, int64_t r, int64_t ldb, int32_t* groups) {
+  const int64_t own = A.sim_own;
+  int n = 0;
+  int64_t last = -1;
+  for (int64_t t = ro.start[r]; t < ro.start[r + 1]; ++t) {
+    const int64_t b = ro.order[t] / A.M;
+    if (b == last) continue;
+    last = b;
+    for (int64_t c = 0; c < own; c += row_gemm::kH) groups[n++] = static_cast<int32_t>(b * own + c);
+  }
+  for (int64_t c = A.B * own; c < ldb; c += row_gemm::kH) groups[n++] = static_cast<int32_t>(c);
+  return n;
+}
+
 // stop = problem, float, costs from a GEMM: work items are chunks of consecutive bank rows (about
-// kChunkProblems problems each, in bank-row order). Each computes its rows' similarities with every
-// query patch (row_gemm, into a buffer that stays in cache) and solves their problems at once from
-// it: the GEMM's result never goes to memory and the cost reads hit cache.
-void solve_fused(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, SolveFn lanes) {
+// kChunkProblems problems each, in bank-row order). Each computes its rows' similarities with the
+// query patches of their problems (row_gemm, into a buffer that stays in cache) and solves their
+// problems at once from it: the GEMM's result never goes to memory and the cost reads hit cache.
+//
+// Columns (FwdArgs::sim): query b's first 8*floor(P/8) patches in its own 8-column groups, its
+// other P mod 8 patches in a rest block shared by all queries. A row computes only the own groups
+// of the queries that index it (and the rest block): with a random index a query meets about 63%
+// of the bank, and the GEMM was about 40% of the forward. A chunk where that leaves little to skip
+// runs the dense GEMM (its wider tiles are faster per FMA).
+void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes) {
   constexpr int64_t kChunkProblems = 256, kMaxChunkFloats = 1 << 16;
   const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = row_gemm::padded(BP);
+  A.sim_own = P / row_gemm::kH * row_gemm::kH;
+  A.sim_ld = ldb;
+  std::vector<int64_t> column(BP);
+  for (int64_t c = 0; c < BP; ++c) column[c] = ot::sim_column(A, c / P, static_cast<int>(c % P));
   std::vector<float> qt(D * ldb);
-  row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data());
+  row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data(), column.data());
   const int64_t max_rows = std::max<int64_t>(1, kMaxChunkFloats / (P * ldb));
   std::vector<std::pair<int64_t, int64_t>> chunks;  // bank rows [r0, r1)
   for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
@@ -284,26 +311,39 @@ void solve_fused(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, SolveFn
     while (r1 < R && r1 - r0 < max_rows && ro.start[r1] - ro.start[r0] < kChunkProblems) ++r1;
     if (ro.start[r1] > ro.start[r0]) chunks.emplace_back(r0, r1);
   }
-  // one similarity buffer per thread for all its chunks (allocating per chunk page-faulted each
-  // time once the allocator returned the memory: +25% forward time)
+  // one similarity buffer (and group list) per thread for all its chunks (allocating per chunk
+  // page-faulted each time once the allocator returned the memory: +25% forward time)
 #ifdef _OPENMP
   const int64_t threads = omp_get_max_threads();
 #else
   const int64_t threads = 1;
 #endif
-  const int64_t chunk_floats = max_rows * P * ldb;
+  const int64_t chunk_floats = max_rows * P * ldb, row_groups_max = ldb / row_gemm::kH;
   std::vector<float> scratch(threads * chunk_floats);
+  std::vector<int32_t> group_lists(threads * max_rows * row_groups_max);
+  std::vector<int> group_counts(threads * max_rows);
   parallel_blocks(chunks, [&](int64_t r0, int64_t r1) {
 #ifdef _OPENMP
-    float* sim = scratch.data() + omp_get_thread_num() * chunk_floats;
+    const int64_t thread = omp_get_thread_num();
 #else
-    float* sim = scratch.data();
+    const int64_t thread = 0;
 #endif
-    row_gemm::multiply(A.bank + r0 * P * D, (r1 - r0) * P, D, qt.data(), ldb, sim);
+    float* sim = scratch.data() + thread * chunk_floats;
+    int32_t* groups = group_lists.data() + thread * max_rows * row_groups_max;
+    int* counts = group_counts.data() + thread * max_rows;
+    int64_t total = 0;
+    for (int64_t r = r0; r < r1; ++r)
+      total += counts[r - r0] = row_groups(A, ro, r, ldb, groups + (r - r0) * row_groups_max);
+    if (10 * total >= 9 * (r1 - r0) * row_groups_max) {  // < 10% to skip
+      row_gemm::multiply(A.bank + r0 * P * D, (r1 - r0) * P, D, qt.data(), ldb, sim);
+    } else {
+      for (int64_t r = r0; r < r1; ++r)
+        row_gemm::multiply_groups(A.bank + r * P * D, P, D, qt.data(), ldb, groups + (r - r0) * row_groups_max,
+                                  counts[r - r0], sim + (r - r0) * P * ldb);
+    }
     FwdArgs<float> C = A;
     C.sim = sim;
     C.sim_r0 = r0;
-    C.sim_ld = ldb;
     lanes(C, ro.order.data(), ro.start[r0], ro.start[r1]);
   });
 }
@@ -336,6 +376,7 @@ void run_fwd(FwdArgs<T> A, const at::Tensor& query, const at::Tensor& bank, int 
     sim = at::mm(bank.view({R * A.P, A.D}), query.view({A.B * A.P, A.D}).t());
     A.sim = sim.data_ptr<T>();
     A.sim_ld = A.B * A.P;
+    A.sim_own = A.P;
   }
   if (stop == ot::kStopProblem) {
     parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { W.solve(A, ro.order.data(), a, b); });

@@ -139,7 +139,7 @@ ot::FwdArgs<T> make_fwd_args(const at::Tensor& query, const at::Tensor& bank, co
   A.index = index.data_ptr<int64_t>();
   A.choice = select == ot::kSelectSample ? choice.data_ptr<int64_t>() : nullptr;
   A.sim = nullptr;
-  A.sim_r0 = A.sim_ld = 0;
+  A.sim_r0 = A.sim_ld = A.sim_own = 0;
   A.out = out.data_ptr<T>();
   A.aux_idx = select == ot::kSelectCost ? nullptr : aux.data_ptr<int64_t>();
   A.aux_pi = select == ot::kSelectCost ? aux.data_ptr<T>() : nullptr;

@@ -114,14 +114,17 @@ struct SinkhornLanes {
   void load_costs(const FwdArgs<float>& A, const int64_t* probs, int used) {
     const int p = np();
     if (A.sim != nullptr) {
-      VI col{};  // lane l: offset of <bank[r, 0], query[b, 0]> in sim
+      // lane l: offset of <bank[r, 0], query[b, i]> in sim, i < sim_own (own) or not (rest), minus i
+      VI own{}, rest{};
       for (int l = 0; l < NL; ++l) {
-        const int64_t q = probs[l < used ? l : 0];
-        col[l] = static_cast<int32_t>((A.index[q] - A.sim_r0) * p * A.sim_ld + (q / A.M) * p);
+        const int64_t q = probs[l < used ? l : 0], b = q / A.M, row = (A.index[q] - A.sim_r0) * p * A.sim_ld;
+        own[l] = static_cast<int32_t>(row + sim_column(A, b, 0));
+        rest[l] = static_cast<int32_t>(row + sim_column(A, b, p - 1) - (p - 1));
       }
-      for (int j = 0; j < p; ++j)
-        for (int i = 0; i < p; ++i)
-          C[i * p + j] = 1.0f - gather(A.sim, col + static_cast<int32_t>(j * A.sim_ld + i));
+      for (int i = 0; i < p; ++i) {
+        const VI col = (i < A.sim_own ? own : rest) + i;
+        for (int j = 0; j < p; ++j) C[i * p + j] = 1.0f - gather(A.sim, col + static_cast<int32_t>(j * A.sim_ld));
+      }
     } else {
       float c[CAP * CAP];
       for (int l = 0; l < NL; ++l) {

@@ -85,9 +85,11 @@ struct FwdArgs {
   T* aux_pi;              // (B, M, P, P) final plan (cost)
   // optional: similarities of bank patches with every query patch from a GEMM: row
   // (r - sim_r0) * P + j of sim (leading dimension sim_ld) holds <bank[r, j], query[b, i]> at column
-  // b * P + i, for the bank rows r the caller covers; nullptr -> dot products per problem
+  // sim_column(A, b, i), for the bank rows r the caller covers; nullptr -> dot products per problem.
+  // Columns: query b's first sim_own patches at b * sim_own + i ("own" block), its other P - sim_own
+  // after all the own blocks (sim_own = P: plainly b * P + i).
   const T* sim;
-  int64_t sim_r0, sim_ld;
+  int64_t sim_r0, sim_ld, sim_own;
   int64_t B, M;
   int P, D, select, k, kk, max_iter;
   T eps, tol;
@@ -456,6 +458,13 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
 #endif
 }
 
+// The column of query patch (b, i) in A.sim (see FwdArgs::sim).
+template <typename T>
+CK_HOST_DEVICE CK_INLINE int64_t sim_column(const FwdArgs<T>& A, int64_t b, int i) {
+  const int64_t own = A.sim_own;
+  return i < own ? b * own + i : A.B * own + b * (A.P - own) + (i - own);
+}
+
 // The compact cost matrix c[i*P + j] = C_ij = 1 - <query[b, i], bank[index[p], j]> of problem
 // p = b*M + m: read from A.sim when a GEMM computed it (sim row (r - sim_r0)*P + j holds column j
 // of C for every query patch), else dot products in place.
@@ -466,8 +475,8 @@ CK_HOST_DEVICE void problem_cost(const FwdArgs<T>& A, int64_t p, T* c) {
   if (A.sim != nullptr) {
     const int64_t ld = A.sim_ld;
     for (int j = 0; j < P; ++j) {
-      const T* col = A.sim + ((r - A.sim_r0) * P + j) * ld + b * P;
-      for (int i = 0; i < P; ++i) c[i * P + j] = T(1) - col[i];
+      const T* row = A.sim + ((r - A.sim_r0) * P + j) * ld;
+      for (int i = 0; i < P; ++i) c[i * P + j] = T(1) - row[sim_column(A, b, i)];
     }
     return;
   }

@@ -354,6 +354,38 @@ def test_gemm_costs_for_every_column_layout(batch, patches):
     _check_selection(out, aux, q, b, i, k=7)
 
 
+def _index_layout(layout, batch, sets, rows, generator):
+    """index (batch, sets) into `rows` bank rows: "random"; "all" (every query indexes every row:
+    nothing to skip); "halves" (the first half of the queries indexes the first half of the bank,
+    the others the second half)."""
+    if layout == "random":
+        return torch.randint(rows, (batch, sets), generator=generator)
+    if layout == "all":
+        return torch.arange(sets).remainder(rows).repeat(batch, 1)
+    first = (torch.arange(batch) < batch // 2)[:, None]
+    half = torch.randint(rows // 2, (batch, sets), generator=generator)
+    return torch.where(first, half, half + rows // 2)
+
+
+@needs_ext
+@pytest.mark.parametrize("layout", ["random", "all", "halves"])
+@pytest.mark.parametrize("batch,patches", [(8, 9), (5, 16), (6, 4), (7, 12)])
+def test_gemm_computes_the_columns_each_bank_row_needs(layout, batch, patches):
+    """The float forward's GEMM computes, for each bank row, only the 8-column groups of the queries
+    that index it (plus the shared block of every query's last P mod 8 patches); a chunk of rows
+    that every query indexes runs the dense GEMM. Every cost entry is read by the Sinkhorn, so the
+    full plan (select="cost") and the selections are compared against the float64 reference, for
+    P = 9 (own block 8 + rest 1), 16 (own only), 4 (rest only), 12 (8 + 4)."""
+    q, b, _ = ot_problem(batch, 1, 60, patches=patches, dim=29, seed=41, dtype=torch.float32)
+    i = _index_layout(layout, batch, 60, 60, torch.Generator().manual_seed(42))
+    out, pi = _fwd(q, b, i, "cost", 1)
+    lp, sim = _ref_lp64(q, b, i)
+    torch.testing.assert_close(pi.double().reshape(lp.shape), lp.exp(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(out.double()[..., 0], (lp.exp() * sim).sum(-1), atol=2e-4, rtol=0)
+    out, aux = _fwd(q, b, i, "topk", 5)
+    _check_selection(out, aux, q, b, i, k=5)
+
+
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_costs_from_the_gemm_and_from_dot_products_agree(dtype):
