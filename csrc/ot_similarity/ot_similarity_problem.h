@@ -61,12 +61,16 @@ CK_HOST_DEVICE CK_INLINE double ck_log(double x) { return log(x); }
 template <typename T>
 CK_HOST_DEVICE CK_INLINE T ck_abs(T x) { return x < T(0) ? -x : x; }
 
-// Thresholds of the absorption safeguards (see the file comment).
+// Thresholds of the absorption safeguards (see the file comment). A kernel is (re)built right after
+// a half step, when the plan's rows or columns sum to 1/P, so its entries are <= 1 and the sums
+// stay below P kTau^2 (1.6e17 for float, P <= 16) < kSumHi until the scalings are absorbed. For
+// float, kTau = 1e8 rather than 1e4 absorbed (and rebuilt the P*P exps of) a kernel less often:
+// raw forward 13.7 -> 12.9 ms at the CPU benchmark shape (bench/RESULTS.md).
 template <typename T>
 struct Limits;
 template <>
 struct Limits<float> {
-  static constexpr float kTau = 1e4f, kSumLo = 1e-20f, kSumHi = 1e20f;
+  static constexpr float kTau = 1e8f, kSumLo = 1e-20f, kSumHi = 1e20f;
 };
 template <>
 struct Limits<double> {
