@@ -121,7 +121,18 @@ def _iterations(shape, query, bank, index) -> dict:
     return _ITERS[shape.id]
 
 
+def _class_index(shape, device) -> torch.Tensor:
+    """The method's index (shape.index == "classes"): query b, of class (b * cls) // B, is paired
+    with the K queue rows of every other class, in class order -> (B, (cls - 1) * K)."""
+    assert shape.n_conf == shape.cls - 1, "the class index pairs each query with every other class"
+    rows = torch.arange(shape.bank_rows).view(shape.cls, shape.K)
+    own = [(b * shape.cls) // shape.B for b in range(shape.B)]
+    return torch.stack([rows[torch.arange(shape.cls) != c].reshape(-1) for c in own]).to(device)
+
+
 def _skip_reason(provider: str, shape) -> Optional[str]:
+    if shape.index == "classes" and provider not in ("reference", "cpu", "triton", "cuda"):
+        return "the class-ordered index group compares the reference and the fused backends only"
     if provider == "loop" and shape.stop != "row":
         return ("the published loop stops once per call (stop='row'); it is compared in the "
                 f"{shape.id}_rowstop group")
@@ -143,6 +154,8 @@ def test_ot_similarity(benchmark, bench, shape, mode, provider):
 
     query, bank, index = ot_problem(shape.B, shape.M, shape.bank_rows, shape.P, shape.D, seed=0,
                                     dtype=DTYPE, device=str(device))
+    if shape.index == "classes":
+        index = _class_index(shape, device)
     iters = _iterations(shape, query, bank, index)
     kw = _kwargs(shape)
     impl = _provider_fn(provider)
@@ -181,7 +194,12 @@ def _dynamo_delta(before: dict) -> dict:
 
 @pytest.mark.parametrize("provider", [p for p in PROVIDERS if p != "reference"])
 def test_ot_similarity_providers_agree_smoke(bench, provider):
-    """float64, smoke shape, value and gradient vs the reference (loop: with the published stop)."""
+    """float64, smoke shape, value and gradient vs the reference (loop: with the published stop).
+
+    triton ranks the plan in fp32 by design (triton_impl.py), and these converged plans are nearly
+    permutations, so a row's top entries all sit at ~1/P: fp32 rounding may order near-tied entries
+    differently. For it the selected similarities are compared as a set per problem and the
+    gradient with weights constant over the k selections (it then depends on the set only)."""
     shape = OT_SHAPES[0]
     assert shape.smoke
     device = torch.device("cpu")
@@ -193,6 +211,9 @@ def test_ot_similarity_providers_agree_smoke(bench, provider):
                                     dtype=torch.float64)
     kw = dict(_kwargs(shape), stop="row" if provider == "loop" else shape.stop)
     w = torch.randn(shape.B, shape.M, OT_K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    fp32_ranking = provider == "triton"
+    if fp32_ranking:
+        w = w[..., :1].expand_as(w)
     results = []
     for impl in (ot_ref.ot_similarity_ref, _provider_fn(provider)):
         q = query.clone().requires_grad_(True)
@@ -200,5 +221,7 @@ def test_ot_similarity_providers_agree_smoke(bench, provider):
         (out * w).sum().backward()
         results.append((out.detach(), q.grad))
     (ref_out, ref_grad), (out, grad) = results
+    if fp32_ranking:
+        out, ref_out = out.sort(-1).values, ref_out.sort(-1).values
     torch.testing.assert_close(out, ref_out, atol=1e-9, rtol=1e-9, msg=lambda m: f"{provider} value: {m}")
     torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=1e-9, msg=lambda m: f"{provider} grad: {m}")

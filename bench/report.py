@@ -17,7 +17,7 @@ PROVIDER_ORDER = ["reference", "compile", "compile_full", "loop", "sdpa", "cpu",
                   "vanilla", "concept_image", "concept_image_ref", "concept_roi", "concept_roi_ref"]
 BACKENDS = ["cpu", "triton", "cuda"]
 OP_ORDER = ["ot_similarity", "channel_attention", "position_attention", "train_step"]
-SHAPE_ORDER = ["smoke", "cpu", "cpu_rowstop", "cpu_n49", "cpu_n196", "paper", "paper_rowstop",
+SHAPE_ORDER = ["smoke", "cpu", "cpu_rowstop", "cpu_classes", "cpu_n49", "cpu_n196", "paper", "paper_rowstop",
                "gpu_n49", "gpu_n196", "gpu_patch_n4", "demo", "gpu_cub"]
 MODE_ORDER = ["fwd", "fwd_bwd", "step"]
 # where each op's fast backends are tracked (edit as issues move)

@@ -35,6 +35,10 @@ class OTShape:
     gpu: bool = False
     smoke: bool = False
     rounds: int = 3
+    # "random": each query's M bank rows drawn uniformly with replacement (testing.ot_problem);
+    # "classes": the method's index (needs n_conf = cls - 1): query b, of class (b * cls) // B, is
+    # paired with the K queue rows of every other class, in class order
+    index: str = "random"
 
     @property
     def M(self) -> int:
@@ -50,7 +54,7 @@ class OTShape:
 
     def describe(self) -> str:
         return (f"B={self.B}, K={self.K}, {self.n_conf} confusing (M={self.M}, {self.problems:,} problems), "
-                f"P={self.P}, D={self.D}, bank {self.bank_rows} rows, stop={self.stop!r}")
+                f"P={self.P}, D={self.D}, bank {self.bank_rows} rows, stop={self.stop!r}, index={self.index!r}")
 
 
 OT_SHAPES = [
@@ -65,6 +69,10 @@ OT_SHAPES = [
     # same problem with the published stopping rule (one batch-mean error per sample's call), the
     # semantics of the published per-sample loop, so the `loop` provider is comparable here.
     OTShape("cpu_rowstop", B=8, K=40, n_conf=99, cls=100, stop="row", rounds=3),
+    # the CPU target shape with the method's index instead of a random one: every query indexes 99%
+    # of the bank (no (row, query) pair to skip in the cost GEMM, no duplicate problems) and its
+    # problems come in class order (the outputs are written in sequence). reference and cpu only.
+    OTShape("cpu_classes", B=8, K=40, n_conf=99, cls=100, index="classes", rounds=7),
     # paper shape (GPU only): B=48, K=40, 199 confusing classes of CUB-200 -> M = 7960,
     # 382,080 problems, bank 200*40 rows, D=200.
     OTShape("paper", B=48, K=40, n_conf=199, cls=200, gpu=True, rounds=10),
