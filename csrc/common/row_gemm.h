@@ -16,6 +16,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
+
 namespace concept_kernels {
 namespace row_gemm {
 
@@ -43,20 +47,45 @@ inline V load(const float* p) {
   return v;
 }
 
-// Rows [0, MR) x (NC vectors + NH half vectors) of S.
+// x in every lane, as one broadcast (a load-broadcast when x comes from memory)
+inline Vec broadcast(float x) {
+#if defined(__AVX512F__)
+  return (Vec)_mm512_set1_ps(x);
+#elif defined(__AVX__)
+  return (Vec)_mm256_set1_ps(x);
+#else
+  return Vec{} + x;
+#endif
+}
+// The first kH lanes of v (the low half of a zmm register: no instruction).
+inline Half low_half(Vec v) {
+#if defined(__AVX512F__)
+  return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+#else
+  return v;
+#endif
+}
+
+// Rows [0, MR) x (NC vectors + NH half vectors) of S. One broadcast per row and k serves the
+// vectors and the half vector (from a scalar, GCC emitted one per width: 10 shuffles per 25 FMAs).
+// The 36,000 x 200 x 72 product on 2 Zen 5 cores: 3.0-3.4 ms before, 2.35-2.45 ms now.
 template <int MR, int NC, int NH>
 inline void tile(const float* a, int64_t K, const float* bt, int64_t ldb, float* s) {
-  Vec acc[MR][NC > 0 ? NC : 1] = {};
-  Half acch[MR][NH > 0 ? NH : 1] = {};
+  Vec acc[MR][NC > 0 ? NC : 1];
+  Half acch[MR][NH > 0 ? NH : 1];
+  for (int m = 0; m < MR; ++m) {  // (not `= {}`: GCC then zeroes them with a memset on the stack)
+    for (int n = 0; n < NC; ++n) acc[m][n] = Vec{};
+    for (int n = 0; n < NH; ++n) acch[m][n] = Half{};
+  }
   for (int64_t k = 0; k < K; ++k) {
     Vec q[NC > 0 ? NC : 1];
     Half qh[NH > 0 ? NH : 1];
     for (int n = 0; n < NC; ++n) q[n] = load<Vec>(bt + k * ldb + kW * n);
     for (int n = 0; n < NH; ++n) qh[n] = load<Half>(bt + k * ldb + kW * NC + kH * n);
     for (int m = 0; m < MR; ++m) {
-      const float x = a[m * K + k];
+      const Vec x = broadcast(a[m * K + k]);
       for (int n = 0; n < NC; ++n) acc[m][n] += x * q[n];
-      for (int n = 0; n < NH; ++n) acch[m][n] += x * qh[n];
+      for (int n = 0; n < NH; ++n) acch[m][n] += low_half(x) * qh[n];
     }
   }
   for (int m = 0; m < MR; ++m) {
