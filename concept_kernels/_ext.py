@@ -16,7 +16,7 @@ import os
 import threading
 
 __all__ = ["HAS_EXT", "EXT_ERROR", "BUILD_HINT", "build_info", "ext_has_cuda", "load",
-           "omp_max_threads", "require_ext"]
+           "omp_max_threads", "require_ext", "simd_bits", "wide_simd"]
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root "
@@ -96,6 +96,27 @@ def omp_max_threads() -> int | None:
     import torch
 
     return int(torch.ops.concept_kernels.omp_max_threads())
+
+
+def simd_bits() -> int | None:
+    """Width of the widest float vectors the CPU kernels were compiled for (512, 256, 128), or None."""
+    if not load():
+        return None
+    import torch
+
+    return int(torch.ops.concept_kernels.simd_bits())
+
+
+def wide_simd() -> bool | None:
+    """Whether the CPU kernels take their wide-vector paths now (``ot_similarity``: 16-problem lane
+    groups, dense cost GEMM from 45% of a chunk's columns): a build with AVX-512 on a CPU that runs
+    it at full width (not Zen 4, which halves 512-bit operations), unless
+    ``CONCEPT_KERNELS_WIDE_SIMD=0`` / ``1`` says otherwise. None without the extension."""
+    if not load():
+        return None
+    import torch
+
+    return bool(torch.ops.concept_kernels.wide_simd())
 
 
 def build_info() -> dict:

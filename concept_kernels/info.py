@@ -45,6 +45,12 @@ def report() -> str:
         target = arch[0] if arch else "the compiler's default -march"
         lines.append(f"extension concept_kernels._C: built (CPU kernels for {target}; "
                      f"CUDA kernels: {'yes' if _ext.ext_has_cuda() else 'no'})")
+        try:
+            wide = "yes" if _ext.wide_simd() else "no"
+        except ValueError as e:  # a bad CONCEPT_KERNELS_WIDE_SIMD: the kernels would raise it too
+            wide = f"error: {e}"
+        lines.append(f"CPU vectors: {_ext.simd_bits()}-bit; wide paths (512-bit at full width): {wide} "
+                     f"(CONCEPT_KERNELS_WIDE_SIMD={os.environ.get('CONCEPT_KERNELS_WIDE_SIMD', '(unset: detected)')})")
     else:
         lines.append(f"extension concept_kernels._C: NOT available: {_ext.EXT_ERROR}")
     lines.append(f"GPU: {_gpu_line()}")

@@ -7,6 +7,8 @@
 // after which the ops are reachable as torch.ops.concept_kernels.<name> (pytorch/extension-cpp).
 #include <Python.h>  // limited API only: setup.py builds with py_limited_api=True
 
+#include "common/cpu_features.h"
+
 #include <torch/library.h>
 
 #include <cstdint>
@@ -37,12 +39,29 @@ bool with_cuda() {
 #endif
 }
 
+// Width in bits of the widest float vectors the CPU kernels were compiled for (setup.py -march).
+int64_t simd_bits() {
+#if defined(__AVX512F__)
+  return 512;
+#elif defined(__AVX__)
+  return 256;
+#else
+  return 128;
+#endif
+}
+
+// Whether the CPU kernels take their wide-vector paths now (common/cpu_features.h: AVX-512 at full
+// width, or CONCEPT_KERNELS_WIDE_SIMD).
+bool wide_simd_now() { return wide_simd(); }
+
 }  // namespace concept_kernels
 
 TORCH_LIBRARY(concept_kernels, m) {
   // Build facts (no tensor arguments: one kernel for every dispatch key).
   m.def("omp_max_threads() -> int", &concept_kernels::omp_max_threads);
   m.def("with_cuda() -> bool", &concept_kernels::with_cuda);
+  m.def("simd_bits() -> int", &concept_kernels::simd_bits);
+  m.def("wide_simd() -> bool", &concept_kernels::wide_simd_now);
 
   // Op schemas go here, one block per op.
 

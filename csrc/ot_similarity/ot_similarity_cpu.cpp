@@ -20,6 +20,7 @@
 #include "ot_similarity/ot_similarity_simd.h"
 
 #include "common/checks.h"
+#include "common/cpu_features.h"
 #include "common/row_gemm.h"
 
 #include <ATen/Dispatch.h>
@@ -62,11 +63,11 @@ inline void solve_range(const FwdArgs<T>& A, const int64_t* order, int64_t n0, i
   for (int64_t n = n0; n < n1; ++n) ot::solve_problem<ot::kMaxP>(A, order[n], s, lp);
 }
 
-// stop = problem, float: 16 problems at a time, one per SIMD lane (ot_similarity_lanes.h).
-template <int FIXP>
+// stop = problem, float: NL problems per lane group, G groups in turn (ot_similarity_lanes.h).
+template <int NL, int FIXP>
 inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int64_t n0, int64_t n1) {
-  using S = ot::SinkhornLanes<FIXP>;
-  constexpr int64_t NL = S::NL, G = kGroupsInFlight;
+  using S = ot::SinkhornLanes<NL, FIXP>;
+  constexpr int64_t G = kGroupsInFlight;
   S s[G];
   for (S& x : s) x.setup(A.P, A.eps);
   for (int64_t g = n0; g < n1; g += G * NL) {
@@ -87,11 +88,9 @@ inline void solve_lanes_range(const FwdArgs<float>& A, const int64_t* order, int
       if (used[h] > 0) s[h].write_outputs(A, order + g + h * NL, used[h]);
   }
 }
-CK_CPU_WORKER void solve_lanes_p9(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {
-  solve_lanes_range<9>(A, o, n0, n1);
-}
-CK_CPU_WORKER void solve_lanes_any(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {
-  solve_lanes_range<0>(A, o, n0, n1);
+template <int NL, int FIXP>
+CK_CPU_WORKER void solve_lanes(const FwdArgs<float>& A, const int64_t* o, int64_t n0, int64_t n1) {
+  solve_lanes_range<NL, FIXP>(A, o, n0, n1);
 }
 
 // Lockstep, start: cost matrices of problems order[n0 .. n1) into Cb (compact P x P each).
@@ -188,11 +187,15 @@ const Workers<float>& workers_for(float, int P) {
   return P <= 8 ? workers_f32_l8 : workers_f32_l16;
 }
 
-// The stop=problem solver: one problem per lane for float (the hot path), else per problem.
+// The stop=problem solver: one problem per lane for float (the hot path), else per problem; 16
+// lanes where 512-bit vectors run at full width (common/cpu_features.h), else 8.
 using SolveFn = void (*)(const FwdArgs<float>&, const int64_t*, int64_t, int64_t);
 SolveFn lanes_solver(float, int P) {
   if (use_scalar_solver()) return nullptr;
-  return P == 9 ? &solve_lanes_p9 : &solve_lanes_any;
+#if defined(__AVX512F__)
+  if (wide_simd()) return P == 9 ? &solve_lanes<16, 9> : &solve_lanes<16, 0>;
+#endif
+  return P == 9 ? &solve_lanes<8, 9> : &solve_lanes<8, 0>;
 }
 std::nullptr_t lanes_solver(double, int) { return nullptr; }
 const Workers<double>& workers_for(double, int P) {
@@ -294,9 +297,13 @@ int row_groups(const FwdArgs<float>& A, const RowOrder& ro, int64_t r, int64_t l
 // other P mod 8 patches in a rest block shared by all queries. A row computes only the own groups
 // of the queries that index it (and the rest block): with a random index a query meets about 63%
 // of the bank, and the GEMM was about 40% of the forward. A chunk where that leaves little to skip
-// runs the dense GEMM (its wider tiles are faster per FMA).
+// runs the dense GEMM: its tiles are wider, and the group tiles (half vectors, 8 floats) are half
+// as fast per FLOP where 512-bit FMAs run at full width (Zen 5: dense 2.5 ms vs 3.7 ms for the 2/3
+// of the groups a random index needs, at the CPU benchmark shape). So the dense GEMM runs from 45%
+// of the groups there (wide_simd()), from 90% elsewhere (Zen 4, AVX2).
 void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes) {
   constexpr int64_t kChunkProblems = 256, kMaxChunkFloats = 1 << 16;
+  const int64_t dense_from = wide_simd() ? 45 : 90;  // percent of a chunk's groups
   const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = row_gemm::padded(BP);
   A.sim_own = P / row_gemm::kH * row_gemm::kH;
   A.sim_ld = ldb;
@@ -334,7 +341,7 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes)
     int64_t total = 0;
     for (int64_t r = r0; r < r1; ++r)
       total += counts[r - r0] = row_groups(A, ro, r, ldb, groups + (r - r0) * row_groups_max);
-    if (10 * total >= 9 * (r1 - r0) * row_groups_max) {  // < 10% to skip
+    if (100 * total >= dense_from * (r1 - r0) * row_groups_max) {
       row_gemm::multiply(A.bank + r0 * P * D, (r1 - r0) * P, D, qt.data(), ldb, sim);
     } else {
       for (int64_t r = r0; r < r1; ++r)

@@ -1,9 +1,8 @@
 // Lane form (host only, float) of the per-problem Sinkhorn of ot_similarity_problem.h: NL problems
-// at once, ONE PROBLEM PER SIMD LANE (NL = 8 below). Entry (i, j) of the NL cost matrices is one
-// vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal
+// at once, ONE PROBLEM PER SIMD LANE (NL = 8 or 16 below). Entry (i, j) of the NL cost matrices is
+// one vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal
 // reductions, and the exp/log work of the rare log-domain steps runs on full vectors. Same math,
-// update for update,
-// as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
+// update for update, as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
 // lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
 // log-domain path for that lane only (computed for the vector, blended into the lanes that need
 // it). Stopping is per lane (stop="problem"): a lane freezes after the iteration whose err < tol;
@@ -29,21 +28,20 @@
 #include <immintrin.h>
 #endif
 
-// Problems per lane group: 8 (one ymm register with AVX2 / AVX-512VL, two xmm on the x86-64
-// baseline). 16 lanes in zmm registers measured 2x slower on the AMD EPYC (Zen 4) development
-// machine: same FLOP rate (512-bit ops are double-pumped), and a 16-problem group waits for its
-// slowest problem longer (mean of the per-group max iterations 42 vs 38 at 24 mean).
-#ifndef CK_OT_LANES
-#define CK_OT_LANES 8
-#endif
-
+// Problems per lane group: NL = 8 (one ymm register with AVX2 / AVX-512VL, two xmm on the x86-64
+// baseline) or 16 (one zmm, AVX-512 builds). The launcher takes 16 where 512-bit FMAs run at full
+// width (cpu_features.h; on Zen 5 the iterations took 3.1 instead of 4.5 ms at the CPU benchmark
+// shape, although a group waits for the slowest of 16 problems: 42 vs 38 iterations per group at
+// a mean of 24) and 8 elsewhere. On Zen 4, which halves 512-bit operations, 16 lanes measured 2x
+// slower (in a build whose 16-lane gathers and lane tests were still scalar loops; not remeasured).
 namespace concept_kernels {
 namespace ot {
 
-// FIXP > 0: P known at compile time (the launcher specialises P = 9); FIXP = 0: runtime P.
-template <int FIXP = 0>
+// NLANES: problems per group (8 or 16). FIXP > 0: P known at compile time (the launcher
+// specialises P = 9); FIXP = 0: runtime P.
+template <int NLANES, int FIXP = 0>
 struct SinkhornLanes {
-  static constexpr int NL = CK_OT_LANES;
+  static constexpr int NL = NLANES;
   static constexpr int CAP = FIXP > 0 ? FIXP : kMaxP;       // rows/columns capacity
   using V = typename Vec<float, NL>::type;
   using VI = typename Vec<float, NL>::itype;
@@ -64,6 +62,9 @@ struct SinkhornLanes {
   static V vmin(V x, V y) { return x < y ? x : y; }
   static V vmax(V x, V y) { return x > y ? x : y; }
   static bool any(VI m) {
+#if defined(__AVX512F__)
+    if constexpr (NL == 16) return _mm512_test_epi32_mask((__m512i)m, (__m512i)m) != 0;
+#endif
 #if defined(__AVX__)
     if constexpr (NL == 8) return _mm256_movemask_ps((__m256)m) != 0;
 #endif
@@ -100,6 +101,9 @@ struct SinkhornLanes {
 
   // x[l] = base[idx[l]] (the hardware gather with AVX2)
   static V gather(const float* base, VI idx) {
+#if defined(__AVX512F__)
+    if constexpr (NL == 16) return (V)_mm512_i32gather_ps((__m512i)idx, base, 4);
+#endif
 #if defined(__AVX2__)
     if constexpr (NL == 8) return (V)_mm256_i32gather_ps(base, (__m256i)idx, 4);
 #endif

@@ -26,6 +26,17 @@ STOPS = ("problem", "row", "all")
 LP_TOL = 0.05  # log-plan slack for fp32 near-ties (fp32 rounding + a stop one iteration apart)
 
 
+@pytest.fixture(params=["narrow", "wide"])
+def simd_path(request, monkeypatch):
+    """Both vector paths of the float32 CPU forward, whichever this CPU would pick: "narrow"
+    (8-problem lane groups; cost GEMM by column groups below 90% of a chunk's groups: Zen 4, AVX2)
+    and "wide" (16-problem lane groups; dense GEMM from 45%: AVX-512 at full width)."""
+    if request.param == "wide" and _ext.simd_bits() != 512:
+        pytest.skip(f"this build's CPU vectors are {_ext.simd_bits()}-bit: its CPU forward has no wide path")
+    monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", "1" if request.param == "wide" else "0")
+    return request.param
+
+
 def _ref_lp64(q, b, i, *, eps=0.01, max_iter=200, tol=1e-3, stop="problem"):
     """The reference's log plan (B, M, P*P) and similarities, computed in float64."""
     q, b = q.detach().double(), b.double()
@@ -60,6 +71,7 @@ def _check_selection(out, aux, q, b, i, *, k, choice=None, stop="problem", eps=0
 @pytest.mark.parametrize("stop", STOPS)
 @pytest.mark.parametrize("select", SELECTS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.usefixtures("simd_path")
 def test_cpu_matches_reference(select, stop, dtype):
     q, b, i = ot_problem(3, 40, 50, dim=32, seed=1, dtype=dtype)
     k = 6 if select == "topk" else 3
@@ -290,6 +302,7 @@ def test_small_eps_duplicates_and_d10(eps, dtype):
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("P", [1, 2, 7, 8, 9, 10, 16])
+@pytest.mark.usefixtures("simd_path")
 def test_patch_counts(P, dtype):
     """float64: the per-problem SIMD solver; float32: the lane solver (one problem per lane), whose
     runtime-P form serves every P but 9. 37 problems: two full lane groups and a partial one."""
@@ -313,6 +326,7 @@ def test_patch_counts(P, dtype):
 
 @needs_ext
 @pytest.mark.parametrize("k", [3, 12, 40, 81])
+@pytest.mark.usefixtures("simd_path")
 def test_topk_when_rows_hold_many_of_the_top_entries(k):
     """The lane solver ranks k > 2 entries through each plan row's two largest entries and redoes a
     lane with full arg-max passes when a row's third entry would be picked. Diffuse plans (eps = 1)
@@ -324,6 +338,7 @@ def test_topk_when_rows_hold_many_of_the_top_entries(k):
 
 
 @needs_ext
+@pytest.mark.usefixtures("simd_path")
 def test_many_chunks_of_bank_rows():
     """The float forward works in chunks of bank rows (about 256 problems each, its own GEMM and
     lane groups); 1,500 problems over 5 queries (B*P = 45 columns, padded) span several chunks,
@@ -340,6 +355,7 @@ def test_many_chunks_of_bank_rows():
 
 @needs_ext
 @pytest.mark.parametrize("batch,patches", [(2, 4), (2, 9), (8, 9), (11, 9), (3, 16)])
+@pytest.mark.usefixtures("simd_path")
 def test_gemm_costs_for_every_column_layout(batch, patches):
     """The float forward's GEMM packs the B*P query patches as columns padded to a multiple of 8:
     blocks of full vectors, then fewer vectors and a half vector (B*P = 8, 18, 72, 99, 48 cover a
@@ -370,6 +386,7 @@ def _index_layout(layout, batch, sets, rows, generator):
 @needs_ext
 @pytest.mark.parametrize("layout", ["random", "all", "halves"])
 @pytest.mark.parametrize("batch,patches", [(8, 9), (5, 16), (6, 4), (7, 12)])
+@pytest.mark.usefixtures("simd_path")
 def test_gemm_computes_the_columns_each_bank_row_needs(layout, batch, patches):
     """The float forward's GEMM computes, for each bank row, only the 8-column groups of the queries
     that index it (plus the shared block of every query's last P mod 8 patches); a chunk of rows
@@ -384,6 +401,46 @@ def test_gemm_computes_the_columns_each_bank_row_needs(layout, batch, patches):
     torch.testing.assert_close(out.double()[..., 0], (lp.exp() * sim).sum(-1), atol=2e-4, rtol=0)
     out, aux = _fwd(q, b, i, "topk", 5)
     _check_selection(out, aux, q, b, i, k=5)
+
+
+@needs_ext
+def test_wide_and_narrow_paths_agree_bitwise(monkeypatch):
+    """Each lane computes its problem with the same operations whatever the group width, and the
+    dense and column-group GEMMs sum each similarity in the same k order: the two vector paths of
+    the float32 forward give bitwise the same results (random index: the narrow path skips columns;
+    P = 9 and the runtime-P form; a partial lane group)."""
+    if _ext.simd_bits() != 512:
+        pytest.skip(f"this build's CPU vectors are {_ext.simd_bits()}-bit: its CPU forward has no wide path")
+    cases = [(8, 400, 420, 9, 64, 0), (5, 300, 400, 12, 37, 3), (2, 37, 6, 16, 13, 11)]
+    results = {}
+    for wide in ("0", "1"):
+        monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", wide)
+        results[wide] = []
+        for B, M, R, P, D, seed in cases:
+            q, b, i = ot_problem(B, M, R, patches=P, dim=D, seed=seed, dtype=torch.float32)
+            choice = torch.randint(3, (B, M), generator=torch.Generator().manual_seed(seed))
+            for select, k, ch in (("topk", 10, None), ("sample", 3, choice), ("cost", 1, None)):
+                results[wide].append(_fwd(q, b, i, select, k, ch))
+    for (out0, aux0), (out1, aux1) in zip(results["0"], results["1"]):
+        assert torch.equal(aux0, aux1) and torch.equal(out0, out1)
+
+
+@needs_ext
+def test_wide_simd_override_is_validated(monkeypatch):
+    """CONCEPT_KERNELS_WIDE_SIMD is 0, 1 or unset; anything else, or 1 where the build has no
+    AVX-512, is an error naming the variable (never a silent choice)."""
+    q, b, i = ot_problem(2, 5, 6, dim=8, seed=0)
+    monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", "yes")
+    with pytest.raises(ValueError, match="CONCEPT_KERNELS_WIDE_SIMD must be 0, 1 or unset"):
+        ck.ot_similarity(q, b, i, select="topk", k=3, backend="cpu")
+    monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", "1")
+    if _ext.simd_bits() == 512:
+        assert _ext.wide_simd() is True
+    else:
+        with pytest.raises(ValueError, match="CONCEPT_KERNELS_WIDE_SIMD=1, but .* without AVX-512"):
+            ck.ot_similarity(q, b, i, select="topk", k=3, backend="cpu")
+    monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", "0")
+    assert _ext.wide_simd() is False
 
 
 @needs_ext
