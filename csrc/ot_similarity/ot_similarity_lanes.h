@@ -2,12 +2,13 @@
 // at once, ONE PROBLEM PER SIMD LANE (NL = 8 or 16 below). Entry (i, j) of the NL cost matrices is
 // one vector, so a half step is P*P vector FMAs with no padding of 9 to 16 and no horizontal
 // reductions, and the exp/log work of the rare log-domain steps runs on full vectors. Same math,
-// update for update, as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain fallbacks), decided per
-// lane: a step whose sums leave the safe range, or a lane whose kernel must be rebuilt, takes the
-// log-domain path for that lane only (computed for the vector, blended into the lanes that need
-// it). Stopping is per lane (stop="problem"): a lane freezes after the iteration whose err < tol;
-// the group runs until its last lane stops or max_iter. The lane and per-problem forms agree to
-// rounding (sums in two chains here, exps reused at the log-domain steps).
+// update for update, as Sinkhorn / SinkhornSimd (same absorption thresholds and log-domain
+// fallbacks), decided per lane: a step whose sums leave the safe range, or a lane whose kernel must
+// be rebuilt, takes the log-domain path for that lane only (computed for the vector, blended into
+// the lanes that need it). Stopping is per lane (stop="problem"): a lane freezes after the
+// iteration whose err < tol; the group runs until its last lane stops or max_iter. The lane and
+// per-problem forms agree to rounding (sums in two chains here, exps reused at the log-domain
+// steps); the 8- and 16-lane groups give bitwise the same results (tested).
 //
 // Used by the CPU launcher for float inputs with stop="problem" (its hot path); row/all lockstep and
 // double inputs keep the per-problem forms.
@@ -31,7 +32,7 @@
 // Problems per lane group: NL = 8 (one ymm register with AVX2 / AVX-512VL, two xmm on the x86-64
 // baseline) or 16 (one zmm, AVX-512 builds). The launcher takes 16 where 512-bit FMAs run at full
 // width (cpu_features.h; on Zen 5 the iterations took 3.1 instead of 4.5 ms at the CPU benchmark
-// shape, although a group waits for the slowest of 16 problems: 42 vs 38 iterations per group at
+// shape, although a group waits for the slowest of 16 problems: 40 vs 35 iterations per group at
 // a mean of 24) and 8 elsewhere. On Zen 4, which halves 512-bit operations, 16 lanes measured 2x
 // slower (in a build whose 16-lane gathers and lane tests were still scalar loops; not remeasured).
 namespace concept_kernels {
