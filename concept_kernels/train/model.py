@@ -16,6 +16,7 @@ from ..method import grouped_batch_norm, roi_align
 
 METHODS = ("concept", "vanilla", "linear", "bituning", "surgical")
 PATCH_MODES = ("image", "roi")
+SINKHORN_STOPS = ("published", "problem")
 
 
 def _gather(x: torch.Tensor) -> torch.Tensor:
@@ -49,7 +50,11 @@ class ConceptTuner(nn.Module):
         patch_mode: "image" (published: crops of the view through the network) or "roi" (fast, NOT
             equivalent: RoIAlign of the feature map).
         num_patches, num_confusing, queue_len, momentum, temperature: P, N_conf (default
-            min(100, Cls-1); 3 <= N_conf <= Cls-1), K, m, T.
+            min(100, Cls-1); 3 <= N_conf <= Cls-1), K, the key encoder's EMA momentum m (0 <= m <= 1,
+            published 0.999) and the contrastive temperature T (published 0.07).
+        sinkhorn_stop: "published" (default: the published group rule and call pattern, one mean
+            error per Sinkhorn call, method_spec §5.6) or "problem" (each OT problem stops on its
+            own: NOT equivalent, it changes which plan entries are selected).
         patch_pixels: image-mode crop side (default 2x the stride: exact pixel crops).
         w_img, w_con, w_ce_ib, w_kl, latent_dim: loss weights (published 1, 1, 1, 0.005, §5.8), IB size.
         bn_momentum: if set, that of every backbone batch norm (timm's tf_* ports use 0.01, too slow
@@ -60,7 +65,8 @@ class ConceptTuner(nn.Module):
     def __init__(self, backbone: nn.Module, num_classes: int, image_size: tuple[int, int], *,
                  method: str = "concept", patch_mode: str = "image", num_patches: int = 9,
                  num_confusing: int | None = None, queue_len: int = 40, momentum: float = 0.999,
-                 temperature: float = 0.07, patch_pixels: int | None = None, w_img: float = 1.0,
+                 temperature: float = 0.07, sinkhorn_stop: str = "published", patch_pixels: int | None = None,
+                 w_img: float = 1.0,
                  w_con: float = 1.0, w_ce_ib: float = 1.0, w_kl: float = 5e-3,
                  train_blocks: Sequence[str] = (), latent_dim: int = 512, bn_momentum: float | None = None,
                  channels_last: bool = True) -> None:
@@ -69,6 +75,13 @@ class ConceptTuner(nn.Module):
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if patch_mode not in PATCH_MODES:
             raise ValueError(f"patch_mode must be one of {PATCH_MODES}, got {patch_mode!r}")
+        if sinkhorn_stop not in SINKHORN_STOPS:
+            raise ValueError(f"sinkhorn_stop must be one of {SINKHORN_STOPS}, got {sinkhorn_stop!r}")
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"momentum (the key encoder's EMA momentum) must be a number in [0, 1], got {momentum!r}")
+        if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        self.sinkhorn_stop = sinkhorn_stop
         self.method, self.patch_mode, self.num_classes = method, patch_mode, num_classes
         self.image_size = tuple(int(s) for s in image_size)
         self.backbone, self.channels_last = backbone, channels_last
@@ -206,7 +219,8 @@ class ConceptTuner(nn.Module):
         out = dict(img=ck.image_contrastive_loss(F.normalize(logits, dim=1), z_k, queue_z, labels,
                                                  temperature=self.temperature))
         if concept:
-            out["con"] = ck.concept_contrastive_loss(zq_p, zk_p, queue_h, labels, conf, temperature=self.temperature)
+            out["con"] = ck.concept_contrastive_loss(zq_p, zk_p, queue_h, labels, conf, temperature=self.temperature,
+                                                    stop=self.sinkhorn_stop)
         else:
             zk_p = z_k[:, None].expand(B, 1, -1)  # bituning keeps a 1-patch concept queue (unused)
         self.queues.enqueue(_gather(z_k), _gather(zk_p.contiguous()), _gather(labels))
