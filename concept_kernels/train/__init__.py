@@ -5,9 +5,9 @@
 --help``; ``python -m concept_kernels.train.demo``.
 """
 from .backbones import create_backbone, remap_lite0
-from .model import METHODS, PATCH_MODES, ConceptTuner
+from .model import METHODS, PATCH_MODES, SINKHORN_STOPS, ConceptTuner
 from ..method import grouped_batch_norm, roi_align
-from .trainer import CheckpointError, Config, evaluate, run
+from .trainer import CheckpointError, Config, evaluate, resolve_key_momentum, run
 
-__all__ = ["METHODS", "PATCH_MODES", "CheckpointError", "ConceptTuner", "Config", "create_backbone", "evaluate",
-           "grouped_batch_norm", "remap_lite0", "roi_align", "run"]
+__all__ = ["METHODS", "PATCH_MODES", "SINKHORN_STOPS", "CheckpointError", "ConceptTuner", "Config", "create_backbone",
+           "evaluate", "grouped_batch_norm", "remap_lite0", "resolve_key_momentum", "roi_align", "run"]

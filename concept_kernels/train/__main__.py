@@ -10,11 +10,16 @@ import argparse
 import dataclasses
 import sys
 
-from .model import METHODS, PATCH_MODES
+from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
 from .trainer import CheckpointError, Config, run
 
-CHOICES = dict(method=METHODS, patch_mode=PATCH_MODES, schedule=("multistep", "cos"))
-TYPES = {"int": int, "float": float, "str": str}
+
+def _float_or_auto(s: str) -> float | str:
+    return s if s.strip().lower() == "auto" else float(s)
+
+
+CHOICES = dict(method=METHODS, patch_mode=PATCH_MODES, schedule=("multistep", "cos"), sinkhorn_stop=SINKHORN_STOPS)
+TYPES = {"int": int, "float": float, "str": str, "float | str": _float_or_auto}
 
 
 def parse_args(argv: list[str] | None = None) -> Config:

@@ -6,9 +6,13 @@ the torch RNG, so a checkpoint's RNG state replays them. Evaluation uses the cen
 """
 from __future__ import annotations
 
+import gzip
+import importlib.util
 import math
+import pickle
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
@@ -36,6 +40,64 @@ def digits(size: int, shots_per_class: int, seed: int = 0) -> tuple[TensorDatase
     sets = [TensorDataset(F.interpolate(x[i], size=(size, size), mode="bilinear", align_corners=False)
                           .sub(0.5).div(0.5).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
     return sets[0], sets[1], [str(k) for k in range(10)]
+
+
+ANIMALS = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
+BUILTIN = ("digits", "animals")
+
+
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else (the animal-mnist files are pickled ndarrays)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are expected)")
+        return super().find_class(module, name)
+
+
+def _load_animal_arrays() -> tuple[torch.Tensor, torch.Tensor]:
+    """(10000, 28, 28) uint8 silhouettes and (10000,) labels from the ``animal-mnist`` wheel's data files
+    (the package itself imports tensorflow, so only its files are read; install it with
+    ``pip install --no-deps animal-mnist==0.4``)."""
+    spec = importlib.util.find_spec("animal_mnist")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the built-in 'animals' data needs the animal-mnist package's files: "
+                           "pip install --no-deps animal-mnist==0.4 (its tensorflow dependency is not needed)")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "Animal_MNIST"
+    arrays = []
+    for name in ("animal_data_version_3.gz", "animal_label_version_3.gz"):
+        with gzip.open(folder / name, "rb") as fh:
+            arrays.append(torch.from_numpy(np.asarray(_NumpyOnlyUnpickler(fh).load()).copy()))
+    return arrays[0], arrays[1]
+
+
+def animals(size: int, shots_per_class: int, seed: int = 0) -> tuple[TensorDataset, TensorDataset, list[str]]:
+    """Animal silhouettes (animal-mnist 0.4: 10,000 28x28 grey images, 10 classes of 1,000), upsampled
+    (bilinear) to (3, size, size) in [-1, 1]. Test split: every fifth image (2,000); train:
+    ``shots_per_class`` images per class of the rest (all 8,000 when <= 0)."""
+    images, labels = _load_animal_arrays()
+    x = images.to(torch.float32)[:, None] / 255.0
+    y = labels.to(torch.long).reshape(-1)
+    if x.shape[0] != y.shape[0] or not bool(((y >= 0) & (y < len(ANIMALS))).all()):
+        raise RuntimeError(f"unexpected animal-mnist files: {tuple(x.shape)} images, labels in "
+                           f"[{int(y.min())}, {int(y.max())}]")
+    every = torch.arange(len(y))
+    test, pool = every[every % 5 == 0], every[every % 5 != 0]
+    if shots_per_class > 0:
+        pool = pool[_few_shot(y[pool], len(ANIMALS), shots_per_class, seed)]
+    sets = [TensorDataset(F.interpolate(x[i], size=(size, size), mode="bilinear", align_corners=False)
+                          .sub(0.5).div(0.5).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
+    return sets[0], sets[1], list(ANIMALS)
+
+
+def builtin(name: str, size: int, shots_per_class: int, seed: int = 0):
+    """A built-in offline task by name: "digits" (sklearn) or "animals" (animal-mnist)."""
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in data {name!r}; built in: {', '.join(BUILTIN)}")
+    return (digits if name == "digits" else animals)(size, shots_per_class, seed)
 
 
 def image_folder(root: str, size: int, mean: tuple[float, ...], std: tuple[float, ...],

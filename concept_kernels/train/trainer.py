@@ -22,13 +22,45 @@ import torch
 import torch.distributed as dist
 
 from .backbones import create_backbone
-from .data import digits, image_folder, make_views
+from .data import builtin, image_folder, make_views
 from .model import ConceptTuner
 
 CHECKPOINT = "checkpoint.pt"
 # fields that must match when resuming (the rest, e.g. epochs or progress, may change)
 _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_size", "seed", "shots_per_class",
-                "num_patches", "num_confusing", "queue_len", "iters_per_epoch")
+                "num_patches", "num_confusing", "queue_len", "iters_per_epoch", "key_momentum", "temperature",
+                "sinkhorn_stop")
+# the published recipe: m = 0.999 over 40 epochs x 500 steps, so the EMA's time constant 1/(1-m) is 5% of the run
+PUBLISHED_KEY_LAG = (1 / (1 - 0.999)) / (40 * 500)
+KEY_MOMENTUM_RANGE = (0.5, 0.9999)
+
+
+def resolve_key_momentum(value: float | str, total_steps: int) -> float:
+    """The key encoder's EMA momentum m for a run of ``total_steps`` optimizer steps.
+
+    A number in [0, 1] is used as given. ``"auto"`` keeps the published lag as a fraction of training:
+    the EMA's time constant 1/(1-m) steps is 5% of the run as in the published recipe (m = 0.999 over
+    20,000 steps), i.e. m = 1 - 1 / (0.05 * total_steps) = 1 - 20 / total_steps, clamped to
+    [0.5, 0.9999] (20,000 steps -> 0.999; 400 -> 0.95; 40 or fewer -> 0.5).
+    """
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            m = 1.0 - 1.0 / (PUBLISHED_KEY_LAG * max(total_steps, 1))
+            return min(max(m, KEY_MOMENTUM_RANGE[0]), KEY_MOMENTUM_RANGE[1])
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"key_momentum must be a number in [0, 1] or 'auto', got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ValueError(f"key_momentum must be a number in [0, 1] or 'auto', got {value!r}")
+    return float(value)
+
+
+def backbone_lr_mult(cfg: Config) -> float:
+    """The backbone's lr / lr: ``cfg.backbone_lr_mult``, else as published (0.1; 1.0 with the cosine option)."""
+    if cfg.backbone_lr_mult is not None:
+        return cfg.backbone_lr_mult
+    return 1.0 if cfg.schedule == "cos" else 0.1
 
 
 def _doc(default, help: str):
@@ -40,7 +72,8 @@ class Config:
     """A run's settings; each field is a flag of ``python -m concept_kernels.train``."""
     model: str = _doc("tf_efficientnet_lite0", "timm model name (needs a 4-D feature map)")
     pretrained: bool = _doc(True, "ImageNet weights (offline for tf_efficientnet_lite0 / efficientnet_lite0)")
-    data: str | None = _doc(None, "ImageFolder root with train/ and val/ (default: built-in sklearn digits)")
+    data: str | None = _doc(None, "ImageFolder root with train/ and val/, or a built-in offline task: "
+                                  "builtin:digits (sklearn digits, the default) or builtin:animals (animal-mnist)")
     shots_per_class: int = _doc(10, "training images per class (<=0: all)")
     image_size: int = 96
     method: str = "concept"
@@ -48,11 +81,13 @@ class Config:
     epochs: int = 10
     batch_size: int = 32
     iters_per_epoch: int = _doc(0, "0: one pass over the training set")  # (drop_last)
-    lr: float = 0.01
-    backbone_lr_mult: float = 0.1
-    schedule: str = "multistep"  # or "cos"
+    lr: float = _doc(0.01, "learning rate of the heads (and the backbone x --backbone-lr-mult)")
+    backbone_lr_mult: float | None = _doc(None, "backbone lr / lr (default as published, method_spec §6: 0.1 "
+                                                "with --schedule multistep, 1.0 with cos)")
+    schedule: str = _doc("multistep", "multistep (MultiStepLR at --milestones) or cos (CosineAnnealingLR over "
+                                      "the epochs), stepped per epoch")
     milestones: tuple[int, ...] = _doc((12, 24), "multistep epochs (x0.1 each)")
-    momentum: float = 0.9
+    momentum: float = _doc(0.9, "SGD momentum (the key encoder's EMA momentum is --key-momentum)")
     weight_decay: float = 5e-4
     nesterov: bool = True
     seed: int = 0
@@ -63,6 +98,11 @@ class Config:
     num_patches: int = 9
     num_confusing: int | None = _doc(None, "N_conf (default min(100, classes-1))")
     queue_len: int = 40
+    key_momentum: float | str = _doc(0.999, "EMA momentum m of the key encoder (published 0.999, made for ~20,000 "
+                                            "steps); 'auto': m from the run's length, see resolve_key_momentum")
+    temperature: float = _doc(0.07, "contrastive temperature T (published 0.07)")
+    sinkhorn_stop: str = _doc("published", "published: one mean Sinkhorn error per call, as published; problem: "
+                                           "each OT problem stops on its own (faster, NOT equivalent)")
     patch_pixels: int | None = _doc(None, "image-mode crop side (default 2x stride: exact crops)")
     train_blocks: tuple[str, ...] = _doc((), "surgical: backbone prefixes, e.g. blocks.0,blocks.1")
     w_img: float = 1.0
@@ -71,7 +111,7 @@ class Config:
     w_kl: float = 5e-3
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
-    min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; digits 0.6)")
+    min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
     hflip: bool | None = _doc(None, "default: off for digits, on otherwise")
     progress: bool = True
     cache_dir: str | None = None
@@ -124,17 +164,26 @@ def _setup_distributed() -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def builtin_task(cfg: Config) -> str | None:
+    """The built-in task ``cfg.data`` names ("digits" when None), or None for an ImageFolder path."""
+    if cfg.data is None:
+        return "digits"
+    return cfg.data.removeprefix("builtin:") if cfg.data.startswith("builtin:") else None
+
+
 def build(cfg: Config, device: torch.device):
     """(model, train_set, test_set) for ``cfg``."""
     backbone = create_backbone(cfg.model, cfg.pretrained, cfg.cache_dir)
-    if cfg.data is None:
-        train_set, test_set, names = digits(cfg.image_size, cfg.shots_per_class, cfg.seed)
+    task = builtin_task(cfg)
+    if task is not None:
+        train_set, test_set, names = builtin(task, cfg.image_size, cfg.shots_per_class, cfg.seed)
     else:
         dc = getattr(backbone, "pretrained_cfg", {}) or {}
         train_set, test_set, names = image_folder(cfg.data, cfg.image_size, dc.get("mean", (0.485, 0.456, 0.406)),
                                                   dc.get("std", (0.229, 0.224, 0.225)), cfg.shots_per_class, cfg.seed)
     kw = {k: getattr(cfg, k) for k in ("method", "patch_mode", "num_patches", "num_confusing", "queue_len",
-                                       "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks")}
+                                       "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks",
+                                       "temperature", "sinkhorn_stop")}
     model = ConceptTuner(backbone, len(names), (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
     if 0 < cfg.test_limit < len(test_set):
         test_set = torch.utils.data.Subset(test_set, range(cfg.test_limit))
@@ -184,12 +233,13 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model, train_set, test_set = build(cfg, device)
-    hflip = cfg.data is not None if cfg.hflip is None else cfg.hflip  # flips change digits
-    min_crop = cfg.min_crop or (0.2 if cfg.data is not None else 0.6)  # 20% crops of a digit are strokes
-    opt = torch.optim.SGD(model.param_groups(cfg.lr, cfg.backbone_lr_mult), lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    task = builtin_task(cfg)
+    hflip = task != "digits" if cfg.hflip is None else cfg.hflip  # flips change digits
+    min_crop = cfg.min_crop or (0.2 if task is None else 0.6)  # 20% crops of a 8x8 / 28x28 image are strokes
     if cfg.schedule not in ("multistep", "cos"):
         raise ValueError(f"schedule must be 'multistep' or 'cos', got {cfg.schedule!r}")
+    opt = torch.optim.SGD(model.param_groups(cfg.lr, backbone_lr_mult(cfg)), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cos"
              else torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1))
     state, history = dict(epoch=0, step_in_epoch=0, global_step=0), []
@@ -211,6 +261,12 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
     if steps < 1:
         raise ValueError(f"{len(train_set)} training images are fewer than one batch "
                          f"({cfg.batch_size} x {world} ranks)")
+    model.momentum = resolve_key_momentum(cfg.key_momentum, steps * cfg.epochs)
+    if rank == 0 and model.method in ("concept", "bituning"):
+        lag = 1.0 / max(1.0 - model.momentum, 1e-12) / (steps * cfg.epochs)
+        print(f"key encoder: EMA momentum {model.momentum:.4g} ({cfg.key_momentum} given; time constant "
+              f"{lag:.0%} of the {steps * cfg.epochs} steps, published 5%)"
+              + ("; --key-momentum auto keeps the published lag" if lag > 0.25 else ""), flush=True)
     interrupts = []
 
     def on_sigint(signum, frame):
