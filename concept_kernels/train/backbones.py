@@ -61,7 +61,9 @@ def lite0_weights_file(cache_dir: str | None = None) -> Path:
 
 
 def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
-    """``timm.create_model(name, num_classes=0, global_pool="")`` with clear errors for unknown names.
+    """``timm.create_model(name, num_classes=0, global_pool="")`` with clear errors for unknown names; models
+    that take it (ViT, DeiT, Swin, ...) get ``dynamic_img_size=True`` (position embeddings interpolated to the
+    input's patch grid), so the patch pass can feed them crops smaller than the training resolution.
     ``pretrained``: the offline weights for the two lite0 names; timm's own for others (offline,
     timm's error, wrapped)."""
     timm = import_timm()
@@ -72,7 +74,12 @@ def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = 
     if pretrained and name in LITE0_MODELS:
         kw["pretrained_cfg_overlay"] = dict(file=str(lite0_weights_file(cache_dir)))
     try:
-        return timm.create_model(name, **kw)
+        try:  # transformers: accept any input size (the patch pass feeds crops smaller than the views)
+            return timm.create_model(name, dynamic_img_size=True, **kw)
+        except TypeError as e:  # CNNs take any size already and have no such argument
+            if "dynamic_img_size" not in str(e):
+                raise
+            return timm.create_model(name, **kw)
     except Exception as e:
         if not pretrained:
             raise

@@ -1,4 +1,5 @@
-"""Concept-Tuning (and the baselines) around any backbone that returns a 4-D feature map."""
+"""Concept-Tuning (and the baselines) around any backbone with a spatial feature map: CNNs, ViT/DeiT and Swin
+(their tokens laid out on the patch grid, ``feature_maps.py``)."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +14,7 @@ from torch import nn
 import concept_kernels as ck
 
 from ..method import grouped_batch_norm, roi_align
+from .feature_maps import model_name, to_feature_map
 
 METHODS = ("concept", "vanilla", "linear", "bituning", "surgical")
 PATCH_MODES = ("image", "roi")
@@ -42,8 +44,10 @@ class ConceptTuner(nn.Module):
     one training forward (also ``forward``, so DDP syncs its gradients), ``predict(x)`` evaluates.
 
     Args:
-        backbone: (B, 3, H, W) -> (B, C, h, w) (its ``forward_features`` when it has one), e.g.
-            ``timm.create_model(name, num_classes=0, global_pool="")``.
+        backbone: (B, 3, H, W) -> (B, C, h, w), or tokens / NHWC maps that ``feature_maps.to_feature_map``
+            lays out as such (its ``forward_features`` when it has one), e.g. ``create_backbone(name)``
+            (transformers need inputs of other sizes for the patch pass: ``create_backbone`` makes them
+            accept any size).
         num_classes, image_size: Cls and the views' (H, W) (the patch geometry follows).
         method: "concept", "vanilla" (CE), "linear" (frozen backbone), "bituning" (CE + image-level
             contrastive) or "surgical" (only ``train_blocks``, prefixes of parameter names, train).
@@ -95,13 +99,13 @@ class ConceptTuner(nn.Module):
             with torch.no_grad():
                 device = next((p.device for p in backbone.parameters()), None)
                 f = self.features(backbone.eval(), torch.zeros(1, 3, *self.image_size, device=device))
+        except ValueError:
+            raise
         except Exception as e:
-            raise ValueError(f"the backbone cannot run on {self.image_size} inputs ({type(e).__name__}: {e})") from e
+            raise ValueError(f"the backbone {model_name(backbone)!r} cannot run on {self.image_size} inputs "
+                             f"({type(e).__name__}: {e})") from e
         finally:
             backbone.train(was)
-        if f.dim() != 4:
-            raise ValueError(f"the backbone returns features of shape {tuple(f.shape)}; Concept-Tuning needs a 4-D "
-                             "(B, C, h, w) feature map (CNNs; ViT-style token outputs are not supported)")
         C, h, w = f.shape[1:]
         self.feature_size, self.stride = (h, w), (self.image_size[0] / h, self.image_size[1] / w)  # px per cell
         self.head = nn.Linear(C, num_classes)
@@ -137,11 +141,12 @@ class ConceptTuner(nn.Module):
                 p.requires_grad_(_under(n, train_blocks))
 
     def features(self, backbone: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> (B, C, h, w) feature map (input made channels-last if ``channels_last``)."""
+        """(B, 3, H, W) -> (B, C, h, w) feature map (input made channels-last if ``channels_last``): a CNN's
+        map, a ViT's patch tokens on their grid, a Swin's NHWC map permuted (``feature_maps.py``)."""
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         fn = getattr(backbone, "forward_features", None)
-        return fn(x) if callable(fn) else backbone(x)
+        return to_feature_map(backbone, fn(x) if callable(fn) else backbone(x), tuple(x.shape[-2:]))
 
     def train(self, mode: bool = True) -> ConceptTuner:
         super().train(mode)
@@ -230,7 +235,9 @@ class ConceptTuner(nn.Module):
         """(B, P, Cls) unit rows, the detached head on the patches' features. Image mode: crops
         (P*B, 3, S, S) of the view ``x``, position-major, through ``backbone`` in one pass with
         per-position BN statistics (= the published P passes with momentum 0), GAP; the IB branch is
-        skipped. Roi mode (NOT equivalent, the features see the whole image): 2x2 RoIAlign of the
+        skipped. Transformers (ViT, Swin) normalise per token (LayerNorm): nothing couples the patches of
+        a batch, so the one pass IS the P passes; their h is the mean of the patch tokens, as for every
+        view. Roi mode (NOT equivalent, the features see the whole image): 2x2 RoIAlign of the
         view's feature map ``x``, averaged (as GAP over the 2x2 map of a 64-px crop)."""
         P = self.num_patches
         if self.patch_mode == "roi":

@@ -54,7 +54,7 @@ def test_bad_inputs(tiny_net):
         def forward(self, x):
             return torch.zeros(x.shape[0], 17, 64)
 
-    with pytest.raises(ValueError, match="4-D"):
+    with pytest.raises(ValueError, match="num_prefix_tokens"):  # tokens without a patch grid
         ConceptTuner(Tokens(), 5, (32, 32))
     with pytest.raises(ValueError, match="num_confusing"):
         ConceptTuner(tiny_net(), 3, (32, 32))  # Cls=3 < N_conf(3) + 1
