@@ -14,7 +14,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional
 
 PROVIDER_ORDER = ["reference", "compile", "compile_full", "loop", "sdpa", "cpu", "triton", "cuda",
-                  "vanilla", "concept_image", "concept_image_ref", "concept_roi", "concept_roi_ref"]
+                  "vanilla", "concept_image", "concept_image_problem", "concept_image_ref", "concept_roi", "concept_roi_ref"]
 BACKENDS = ["cpu", "triton", "cuda"]
 OP_ORDER = ["ot_similarity", "channel_attention", "position_attention", "train_step"]
 SHAPE_ORDER = ["smoke", "cpu", "cpu_rowstop", "cpu_classes", "cpu_n49", "cpu_n196", "paper", "paper_rowstop",

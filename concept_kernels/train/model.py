@@ -97,8 +97,9 @@ class ConceptTuner(nn.Module):
         was = backbone.training
         try:
             with torch.no_grad():
-                device = next((p.device for p in backbone.parameters()), None)
-                f = self.features(backbone.eval(), torch.zeros(1, 3, *self.image_size, device=device))
+                ref = next(backbone.parameters(), None)  # probe in the backbone's device and dtype
+                kw = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+                f = self.features(backbone.eval(), torch.zeros(1, 3, *self.image_size, **kw))
         except ValueError:
             raise
         except Exception as e:
