@@ -146,8 +146,9 @@ def commit() -> str:
 
 
 def write_report(results: dict, args, argv: list[str], planned: int, report: Path) -> None:
-    import timm
+    from concept_kernels._compat import import_timm
 
+    timm = import_timm()
     done = sum(len(v) for v in results.values())
     wall = sum(r["wall"] for v in results.values() for r in v.values())
     lines = [
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: the full "
                                                              "split; only for smoke runs)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs, train nothing")
     args = p.parse_args(argv)
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     if bad := [t for t in tasks if t not in BUILTIN] + [m for m in methods if m not in METHODS]:
@@ -233,6 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     runs = Path(args.runs)
     grid = [(t, s, m, seed) for t in tasks for s in shots for seed in range(args.seeds) for m in methods]
+    if args.report_only:
+        grid_keys = {(t, s, m) for t, s, m, _ in grid}
+        write_report({k: v for k, v in collect(runs).items() if k in grid_keys}, args, argv, len(grid),
+                     Path(args.report))
+        print(f"wrote {args.report} and its plot from the finished runs")
+        return 0
     for i, (task, shot, method, seed) in enumerate(grid, 1):
         cfg = run_config(task, shot, method, seed, args.steps, args.evals, runs)
         cfg.progress, cfg.test_limit = False, args.test_limit

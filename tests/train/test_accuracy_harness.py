@@ -3,6 +3,9 @@ harness on both built-in tasks (report rows, pairing by seed, resumability, a ch
 import importlib.util
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,12 @@ def test_smoke_run_is_paired_resumable_and_guarded(acc, tmp_path, capsys):
     capsys.readouterr()
     assert acc.main(args) == 0
     assert done.stat().st_mtime_ns == before and "epoch" not in capsys.readouterr().out
+    # --report-only in a fresh process (nothing trained, nothing imported before the report) rewrites the report
+    report.unlink()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run([sys.executable, str(ROOT / "bench" / "accuracy.py"), *args, "--report-only"], check=True,
+                   env=env, capture_output=True, timeout=300)
+    assert report.read_text().count("| digits | 2 |") == 2
     # a finished run trained with another setting is refused, not mixed into the table
     with pytest.raises(SystemExit, match="pass another --runs"):
         acc.main([*args[:-4], "--steps", "4", "--runs", str(runs), "--report", str(report)])
