@@ -23,6 +23,8 @@ BUILD_HINT = (
     "(or `make build`), using the same torch that runs the code"
 )
 
+from torch.compiler import assume_constant_result  # noqa: E402  (selection under torch.compile: see load)
+
 _lock = threading.Lock()
 _state: tuple[bool, str | None] | None = None  # (loaded, error) once load() has run
 
@@ -32,6 +34,7 @@ def _import_ext():
     return importlib.import_module("concept_kernels._C")
 
 
+@assume_constant_result
 def load() -> bool:
     """Import ``concept_kernels._C`` once; return whether it loaded (errors are kept, not raised)."""
     global _state
@@ -63,6 +66,7 @@ def _reset_for_tests() -> None:
     """Forget the load result so the next access loads again (tests only)."""
     global _state
     _state = None
+    _HAS_CUDA.clear()
 
 
 def __getattr__(name: str):
@@ -80,13 +84,22 @@ def require_ext(feature: str) -> None:
         raise RuntimeError(f"{feature} needs the compiled extension: {_state[1]}")
 
 
-def ext_has_cuda() -> bool:
-    """Whether the loaded extension was built with its CUDA kernels (False when it is not loaded)."""
-    if not load():
-        return False
-    import torch
+_HAS_CUDA: list[bool] = []  # the build fact, asked of the extension once
 
-    return bool(torch.ops.concept_kernels.with_cuda())
+
+@assume_constant_result
+def ext_has_cuda() -> bool:
+    """Whether the loaded extension was built with its CUDA kernels (False when it is not loaded).
+
+    A constant of the process: ``torch.compile`` runs it once while tracing instead of tracing its
+    ``with_cuda()`` op (which returns a bool, not a tensor)."""
+    if not _HAS_CUDA:
+        if not load():
+            return False
+        import torch
+
+        _HAS_CUDA.append(bool(torch.ops.concept_kernels.with_cuda()))
+    return _HAS_CUDA[0]
 
 
 def omp_max_threads() -> int | None:

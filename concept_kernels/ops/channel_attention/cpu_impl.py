@@ -37,6 +37,8 @@ from typing import Optional
 
 import torch
 
+from torch.compiler import assume_constant_result
+
 from ... import _ext
 
 ENV_VAR = "CONCEPT_KERNELS_CAM_CPU"
@@ -54,10 +56,21 @@ def cpu_kernel() -> str:
     if name not in KERNELS:
         raise ValueError(f"{ENV_VAR} must be one of {KERNELS}, got {name!r}")
     if name == "symm":
-        _ext.require_ext("the cpu backend of channel_attention (set CONCEPT_KERNELS_CAM_CPU=aten for "
-                         "PyTorch's CPU flash kernel instead)")
-        register_cpp_fakes()
+        why = _symm_missing()
+        if why:
+            raise RuntimeError(why)
     return name
+
+
+@assume_constant_result
+def _symm_missing() -> str:
+    """"" when the C++ kernel is loaded (its fakes registered), else why not; run once, not traced, under
+    ``torch.compile`` (loading and registering are side effects of the process, not of the graph)."""
+    if not _ext.load():
+        return (f"the cpu backend of channel_attention (set CONCEPT_KERNELS_CAM_CPU=aten for PyTorch's CPU flash "
+                f"kernel instead) needs the compiled extension: {_ext.EXT_ERROR}")
+    register_cpp_fakes()
+    return ""
 
 
 def unavailable() -> Optional[str]:
