@@ -286,7 +286,8 @@ class OutputDir:
             self._release()
             raise OutputDirError(f"output dir {out} is not writable ({e.strerror or e}); choose a writable "
                                  "--out") from e
-        for stale in [*out.glob(CHECKPOINT + ".*tmp"), *out.glob(METRICS + ".*.tmp")]:
+        stale_names = (CHECKPOINT + ".tmp", CHECKPOINT + ".*.tmp", METRICS + ".*.tmp")  # (.tmp: older versions)
+        for stale in [p for pattern in stale_names for p in out.glob(pattern)]:
             stale.unlink(missing_ok=True)  # only ours: the lock is held
         return self
 

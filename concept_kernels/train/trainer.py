@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .backbones import create_backbone
-from .checkpoint import (CHECKPOINT, CheckpointError, OutputDir, check_resume_config, load_checkpoint, rng_state,
-                         save_checkpoint, set_rng_state, write_metrics)
+from .checkpoint import (CHECKPOINT, CheckpointError, OutputDir, check_resume_config, load_checkpoint,  # noqa: F401
+                         rng_state, save_checkpoint, set_rng_state, write_metrics)  # (CheckpointError: re-exported)
 from .data import digits, image_folder, make_views
 from .model import ConceptTuner
 

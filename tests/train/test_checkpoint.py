@@ -210,7 +210,8 @@ def test_read_only_output_dir(tmp_path, monkeypatch, fail):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(out))
 
     if fail == "mkdir":
-        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **kw: erofs() if self == out else real_mkdir(self, *a, **kw))
+        monkeypatch.setattr(Path, "mkdir", lambda self, *a, **kw: erofs() if self == out
+                            else real_mkdir(self, *a, **kw))
     elif fail == "lock":
         monkeypatch.setattr(ckpt_mod, "open", lambda f, *a, **kw: erofs() if Path(f).parent == out
                             else real_open(f, *a, **kw), raising=False)
