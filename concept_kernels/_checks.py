@@ -3,6 +3,10 @@
 Every check raises a ``ValueError`` (shape, value, device) or ``TypeError`` (dtype, type) whose
 message names the argument and states what was expected and what was given, so that bad input
 fails here, in Python, and never deep inside a kernel.
+
+Tensors on the ``meta`` device (shapes without data) are refused by :func:`check_same_device` and
+:func:`check_index`, which every public function calls before it reads any value; a mix of devices
+is reported as such first.
 """
 from __future__ import annotations
 
@@ -65,18 +69,41 @@ def check_float(name: str, t, **kw) -> torch.Tensor:
     return check_tensor(name, t, dtypes=FLOAT_DTYPES, **kw)
 
 
+def check_has_data(**tensors: Optional[torch.Tensor]) -> None:
+    """No tensor is on the ``meta`` device (a shape without values: reading it would fail deep inside,
+    computing on it would silently return more meta tensors)."""
+    for name, t in tensors.items():
+        if isinstance(t, torch.Tensor) and t.device.type == "meta":
+            raise ValueError(f"{name} on meta holds no data (a shape-only tensor, shape {_shape(t)}): "
+                             "pass it on a device with storage, e.g. cpu or cuda")
+
+
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
-    """All tensors on one device; returns it. Error names each argument with its device."""
+    """All tensors on one device, and not ``meta``; returns it. Errors name each argument."""
     items = [(k, v) for k, v in tensors.items() if v is not None]
     devices = {v.device for _, v in items}
     if len(devices) > 1:
         listing = ", ".join(f"{k} on {v.device}" for k, v in items)
         raise ValueError(f"all tensors must be on the same device, got {listing}")
+    check_has_data(**dict(items))
     return items[0][1].device
+
+
+def check_no_nan(name: str, t: torch.Tensor, *, finite: bool = False) -> None:
+    """No NaN in ``t`` (no NaN or +-inf when ``finite``): host check on CPU, device assert on CUDA."""
+    bad = ~torch.isfinite(t) if finite else torch.isnan(t)
+    what = "NaN or infinite" if finite else "NaN"
+    if t.device.type == "cuda":
+        torch._assert_async(~bad.any(), f"{name} must not contain {what} values")
+        return
+    n = int(bad.sum())
+    if n:
+        raise ValueError(f"{name} must not contain {what} values, got {n} of {t.numel()} entries")
 
 
 def check_index(name: str, index: torch.Tensor, upper: int, upper_name: str) -> None:
     """``index`` holds int64 values in ``[0, upper)`` (host check on CPU, device assert on CUDA)."""
+    check_has_data(**{name: index})
     if index.dtype != torch.int64:
         raise TypeError(f"{name} must have dtype int64, got {str(index.dtype).replace('torch.', '')}")
     if index.numel() == 0:

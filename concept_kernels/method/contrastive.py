@@ -133,7 +133,17 @@ def concept_contrastive_loss(
     if confusing.shape[0] != B:
         raise ValueError(f"confusing must have shape ({B}, N_conf), got {tuple(confusing.shape)}")
     check_index("confusing", confusing, n_cls, "classes in the queue")
-    check_same_device(q_patches=q_patches, k_patches=k_patches, queue_h=queue_h, labels=labels, confusing=confusing)
+    # checked here so that errors name this function's arguments (ot_similarity calls them k, choice)
+    for name, k in (("k_pos", k_pos), ("k_neg", k_neg)):
+        check_positive(name, k, integer=True)
+        if k > P * P:
+            raise ValueError(f"{name} must be <= P*P = {P * P} (entries of a {P}x{P} transport plan), got {k}")
+    for name, choice, M in (("choice_cur", choice_cur, 1), ("choice_pos", choice_pos, K)):
+        if choice is not None:
+            check_tensor(name, choice, shape=(B, M), shape_doc=f"(B, {'1' if M == 1 else 'K'})")
+            check_index(name, choice, k_pos, "k_pos")
+    check_same_device(q_patches=q_patches, k_patches=k_patches, queue_h=queue_h, labels=labels, confusing=confusing,
+                      choice_cur=choice_cur, choice_pos=choice_pos)
     check_positive("temperature", temperature)
     check_choice("stop", stop, STOP_RULES)
     n_conf = confusing.shape[1]

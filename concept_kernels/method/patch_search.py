@@ -10,7 +10,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from .._checks import check_float, check_index, check_positive, check_same_device, check_tensor, compute_dtype
+from .._checks import (check_float, check_index, check_no_nan, check_positive, check_same_device, check_tensor,
+                       compute_dtype)
 
 
 def default_group_geometry(channels: int) -> Tuple[int, int]:
@@ -36,7 +37,8 @@ def search_concept_patches(
     Per sample b with label y:
 
     1. confusing classes: the ``num_confusing`` highest-logit classes other than y, most
-       confusing first;
+       confusing first (never y itself, also when other logits tie with it at -inf: -inf logits
+       are allowed, e.g. for masked classes);
     2. channel score s = 3 W[y] - W[c0] - W[c1] - W[c2] (W = ``head_weight``, c_i the top-3
        confusing classes); channels ranked by descending s;
     3. group p (p < num_patches) = ranked channels [p*group_stride, p*group_stride + channels_per_group);
@@ -59,6 +61,10 @@ def search_concept_patches(
         channels_per_group: channels summed per map (default C*30//2048, 30 at C=2048).
         group_stride: rank offset between groups (default C*250//2048, 250 at C=2048).
         patch_size: box side in pixels (default twice the feature stride).
+
+    NaN in ``logits`` and NaN or inf in ``features`` or ``head_weight`` raise a ``ValueError`` (on
+    CUDA a device-side assert): a NaN would otherwise rank as the largest value and give a
+    plausible-looking but meaningless class or box.
 
     Returns:
         boxes: (B*P, 5) float32 rows (batch_idx, x1, y1, x2, y2), sample-major.
@@ -96,11 +102,18 @@ def search_concept_patches(
         )
     if patch_size is not None:
         check_positive("patch_size", patch_size)
+    check_no_nan("logits", logits)
+    check_no_nan("features", features, finite=True)
+    check_no_nan("head_weight", head_weight, finite=True)
 
     with torch.no_grad():
         # rank in the inputs' precision (float64 stays float64), as the published code does
         masked = logits.detach().to(compute_dtype(logits.dtype)).scatter(1, labels[:, None], float("-inf"))
-        confusing = masked.topk(num_confusing, dim=1).indices  # (B, Nc), most confusing first
+        # Nc + 1 candidates (Nc <= Cls - 1): y is among them only when other logits tie with it at
+        # -inf; a stable sort moves y behind the others, and the first Nc are kept.
+        top = masked.topk(num_confusing + 1, dim=1).indices  # (B, Nc+1), most confusing first
+        not_label = (top != labels[:, None]).to(torch.int8)
+        confusing = top.gather(1, not_label.argsort(dim=1, descending=True, stable=True)[:, :num_confusing])
         wt = head_weight.detach().to(compute_dtype(head_weight.dtype))
         score = 3.0 * wt[labels] - wt[confusing[:, 0]] - wt[confusing[:, 1]] - wt[confusing[:, 2]]
         ranked = score.topk(C, dim=1).indices  # (B, C) descending score

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_float, check_index, check_positive, check_tensor
+from .._checks import check_float, check_has_data, check_index, check_positive, check_tensor
 
 
 class ClassQueues(nn.Module):
@@ -51,6 +51,10 @@ class ClassQueues(nn.Module):
         check_float("z_k", z_k, shape=(B, D), shape_doc="(B, D)", allow_empty=True)
         check_float("patches_k", patches_k, shape=(B, P, D), shape_doc="(B, P, D)", allow_empty=True)
         check_index("labels", labels, self.num_classes, "classes")
+        check_has_data(z_k=z_k, patches_k=patches_k)
+        if self.ptr.device.type == "meta":
+            raise ValueError("ClassQueues buffers are on meta (no data), so enqueue would write nothing: "
+                             "materialize them first, e.g. queues.to_empty(device='cpu') and re-initialize")
         if B == 0:
             return
         dev = self.ptr.device
@@ -75,14 +79,47 @@ def momentum_update_(key_module: nn.Module, query_module: nn.Module, momentum: f
 
     Both modules must have the same parameters in the same order (the key encoder is a copy of the
     query encoder). One fused multi-tensor update, no per-parameter Python loop over kernels.
+
+    A parameter that is the query's own (e.g. ``momentum_update_(m, m, 0.9)``) is its own EMA and
+    stays unchanged; a key parameter that otherwise overlaps a query parameter's memory is refused,
+    as are parameters on the ``meta`` device (the update would silently do nothing).
+
+    Args:
+        key_module: nn.Module updated in place.
+        query_module: nn.Module read.
+        momentum: m in [0, 1] (a Python number).
     """
+    for name, mod in (("key_module", key_module), ("query_module", query_module)):
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"{name} must be a torch.nn.Module, got {type(mod).__name__}")
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)):
+        raise TypeError(f"momentum must be a number in [0, 1], got {type(momentum).__name__}")
     if not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-    keys, queries = list(key_module.parameters()), list(query_module.parameters())
-    if len(keys) != len(queries):
-        raise ValueError(f"key_module has {len(keys)} parameters but query_module has {len(queries)}")
-    for i, (k, q) in enumerate(zip(keys, queries)):
+    named_k, named_q = list(key_module.named_parameters()), list(query_module.named_parameters())
+    if len(named_k) != len(named_q):
+        raise ValueError(f"key_module has {len(named_k)} parameters but query_module has {len(named_q)}")
+    keys, queries = [], []
+    for i, ((name_k, k), (name_q, q)) in enumerate(zip(named_k, named_q)):
         if k.shape != q.shape:
-            raise ValueError(f"parameter {i}: key shape {tuple(k.shape)} != query shape {tuple(q.shape)}")
-    torch._foreach_mul_(keys, momentum)
-    torch._foreach_add_(keys, [q.detach() for q in queries], alpha=1.0 - momentum)
+            raise ValueError(f"parameter {i}: key_module's {name_k} has shape {tuple(k.shape)}, "
+                             f"query_module's {name_q} has shape {tuple(q.shape)}")
+        for arg, name, t in (("key_module", name_k, k), ("query_module", name_q, q)):
+            if t.device.type == "meta":
+                raise ValueError(f"{arg} parameter {i} ({name}) is on meta (no data): the update would do "
+                                 "nothing; materialize the module first, e.g. .to_empty(device=...)")
+        if k.device != q.device:
+            raise ValueError(f"parameter {i}: key_module's {name_k} is on {k.device}, "
+                             f"query_module's {name_q} on {q.device}")
+        if k is q or (k.data_ptr() == q.data_ptr() and k.stride() == q.stride()):
+            continue  # the same memory: m q + (1 - m) q = q
+        keys.append(k)
+        queries.append(q)
+    query_memory = {q.untyped_storage().data_ptr() for q in queries if q.numel()}
+    for i, k in enumerate(keys):
+        if k.numel() and k.untyped_storage().data_ptr() in query_memory:
+            raise ValueError("key_module and query_module parameters overlap in memory (one is a view of "
+                             "another): the in-place update would read values it already changed")
+    if keys:
+        torch._foreach_mul_(keys, momentum)
+        torch._foreach_add_(keys, [q.detach() for q in queries], alpha=1.0 - momentum)

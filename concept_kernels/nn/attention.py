@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._checks import check_positive
 from ..ops import channel_attention, position_attention
 
 
@@ -44,7 +45,9 @@ class PositionAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
-        if channels < 1 or reduction < 1 or channels // reduction < 1:
+        check_positive("channels", channels, integer=True)
+        check_positive("reduction", reduction, integer=True)
+        if channels // reduction < 1:
             raise ValueError(
                 f"channels // reduction must be >= 1, got channels={channels}, reduction={reduction}"
             )
@@ -55,6 +58,10 @@ class PositionAttention(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        C = self.value_conv.in_channels
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != C:
+            raise ValueError(f"x must have {C} channels (B, {C}, H, W) for this module (channels={C}), "
+                             f"got shape {tuple(x.shape)}")
         return position_attention(
             x,
             self.query_conv.weight.flatten(1), self.query_conv.bias,
@@ -74,6 +81,8 @@ class DualAttention(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8) -> None:
         super().__init__()
+        check_positive("channels", channels, integer=True)
+        check_positive("reduction", reduction, integer=True)
         self.sa = PositionAttention(channels, reduction)
         self.sc = ChannelAttention()
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._checks import check_float
+from .._checks import check_float, check_positive, check_same_device
 from .attention import DualAttention
 
 
@@ -32,6 +32,11 @@ class InformationBottleneckHead(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, latent_dim: int = 512, reduction: int = 8,
                  sample_in_eval: bool = True) -> None:
         super().__init__()
+        for name, value in (("in_channels", in_channels), ("num_classes", num_classes), ("latent_dim", latent_dim),
+                            ("reduction", reduction)):
+            check_positive(name, value, integer=True)
+        if not isinstance(sample_in_eval, bool):
+            raise TypeError(f"sample_in_eval must be a bool, got {type(sample_in_eval).__name__}")
         self.latent_dim = latent_dim
         self.sample_in_eval = sample_in_eval
         self.encoder = nn.Sequential(
@@ -63,5 +68,6 @@ def information_bottleneck_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Te
     """
     check_float("mu", mu, ndim=2, shape_doc="(B, L)")
     check_float("sigma", sigma, shape=tuple(mu.shape), shape_doc="(B, L) like mu")
+    check_same_device(mu=mu, sigma=sigma)
     per_dim = -sigma + 0.5 * (torch.exp(2.0 * sigma) + mu * mu) - 0.5
     return per_dim.sum(dim=1).mean()

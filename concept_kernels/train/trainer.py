@@ -2,12 +2,12 @@
 
 Checkpoints (``<out>/checkpoint.pt``, each epoch and on Ctrl-C, via a temp file + ``os.replace``) hold
 the model (queues, key encoder), optimizer, scheduler, step counters and every rank's torch/numpy/python
-RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP.
+RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP. The output
+directory, its lock, the checkpoint's digest and the metrics file: see :mod:`.checkpoint`.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import signal
@@ -22,10 +22,11 @@ import torch
 import torch.distributed as dist
 
 from .backbones import create_backbone
+from .checkpoint import (CHECKPOINT, CheckpointError, OutputDir, check_resume_config, load_checkpoint,  # noqa: F401
+                         rng_state, save_checkpoint, set_rng_state, write_metrics)  # (CheckpointError: re-exported)
 from .data import builtin, image_folder, make_views
 from .model import ConceptTuner
 
-CHECKPOINT = "checkpoint.pt"
 # fields that must match when resuming (the rest, e.g. epochs or progress, may change)
 _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_size", "seed", "shots_per_class",
                 "num_patches", "num_confusing", "queue_len", "iters_per_epoch", "key_momentum", "temperature",
@@ -117,41 +118,6 @@ class Config:
     cache_dir: str | None = None
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used (corrupt, or from a different configuration)."""
-
-
-def _rng_state() -> dict:
-    name, keys, *rest = np.random.get_state()
-    return dict(torch=torch.get_rng_state(), numpy=[name, torch.from_numpy(keys.astype(np.int64)), *rest],
-                python=random.getstate(), cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])
-
-
-def _set_rng_state(s: dict) -> None:
-    torch.set_rng_state(s["torch"])
-    name, keys, *rest = s["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with ``weights_only=True``; any failure becomes a :class:`CheckpointError`."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"--resume: no checkpoint at {path}") from None
-    except Exception as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
-                              f"{type(e).__name__}: {e}") from e
-    missing = {"model", "optimizer", "scheduler", "state", "rng", "config"}.difference(
-        ckpt if isinstance(ckpt, dict) else ())
-    if missing:
-        raise CheckpointError(f"{path} is not a concept_kernels checkpoint (missing {sorted(missing)})")
-    return ckpt
-
-
 def _setup_distributed() -> tuple[int, int, torch.device]:
     cuda = torch.cuda.is_available()
     if int(os.environ.get("WORLD_SIZE", 1)) == 1:
@@ -212,23 +178,27 @@ def evaluate(model: ConceptTuner, ds, device: torch.device, batch_size: int = 10
 
 
 def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None) -> list[dict]:
-    """Train per ``cfg``; returns the per-epoch metric rows (also appended to <out>/metrics.jsonl).
+    """Train per ``cfg``; returns the per-epoch metric rows (also in <out>/metrics.jsonl, which is
+    rewritten from the checkpoint's history at each save).
 
     ``on_step(global_step, model)`` is called after each completed step (tests use it). Ctrl-C (SIGINT)
-    finishes the current step, saves a checkpoint and returns; a second Ctrl-C aborts at once.
+    finishes the current step, saves a checkpoint and returns; a second Ctrl-C aborts at once. Rank 0
+    locks the output directory for the whole run (:class:`.checkpoint.OutputDir`).
     """
+    rank = _setup_distributed()[0]
+    with OutputDir(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite, enabled=rank == 0):
+        return _run(cfg, on_step)
+
+
+def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> list[dict]:
     rank, world, device = _setup_distributed()
     if cfg.amp and device.type != "cuda":
         raise ValueError("--amp uses CUDA autocast (bfloat16) and needs a GPU; this run is on the CPU")
     out, ckpt_path = Path(cfg.out), Path(cfg.out) / CHECKPOINT
-    if rank == 0 and not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise FileExistsError(f"output dir {out} is not empty; pass --resume to continue it or --overwrite "
-                              "to replace it")
     conf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
-    diff = {k: (ckpt["config"].get(k), conf[k]) for k in _RESUME_KEYS if ckpt and ckpt["config"].get(k) != conf[k]}
-    if diff:
-        raise CheckpointError(f"{ckpt_path} was written with a different configuration: {diff} (saved, given)")
+    if ckpt is not None:
+        check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -249,10 +219,9 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
         state, history = dict(ckpt["state"]), list(ckpt["history"])
-        _set_rng_state(ckpt["rng"][rank])
-    elif rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").write_text("")
+        set_rng_state(ckpt["rng"][rank])
+        if rank == 0:
+            write_metrics(out, history)  # drops rows a failed save may have left after the checkpoint's
     # queues stay equal through the all-gather in step(); BN buffers stay per rank (rank 0's are saved)
     net = model if world == 1 else torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
@@ -277,14 +246,14 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
             print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def save() -> None:
-        rngs = [_rng_state()] * world
+        rngs = [rng_state()] * world
         if world > 1:
             dist.all_gather_object(rngs, rngs[rank])
         if rank == 0:
-            tmp = ckpt_path.with_name(CHECKPOINT + ".tmp")
-            torch.save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                            state=dict(state), history=history, rng=rngs, config=conf), tmp)
-            os.replace(tmp, ckpt_path)
+            save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
+                                            scheduler=sched.state_dict(), state=dict(state), history=history,
+                                            rng=rngs, config=conf))
+            write_metrics(out, history)  # after the checkpoint: never an epoch it does not hold
 
     main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
@@ -340,8 +309,6 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
                        lr=opt.param_groups[-1]["lr"])
             if rank == 0:
                 row.update(evaluate(model, test_set, device))
-                with open(out / "metrics.jsonl", "a") as fh:
-                    fh.write(json.dumps(row) + "\n")
                 ib = f" / IB {row['acc_ib']:.3f}" if "acc_ib" in row else ""
                 print(f"[{cfg.method}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.3f}, train acc "
                       f"{row['train_acc']:.3f}, test acc main {row['acc_main']:.3f}{ib}, "
