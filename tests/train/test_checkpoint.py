@@ -87,7 +87,7 @@ def test_resume_refuses_changed_optimizer_settings(tmp_path, change):
 
 
 def test_resume_under_cosine_refuses_new_epochs_and_continues_with_the_same(tmp_path):
-    cfg = tiny_config(tmp_path, schedule="cos", epochs=2)
+    cfg = tiny_config(tmp_path, schedule="cos", epochs=2, backbone_lr_mult=0.1)  # random init: 1x diverges
 
     def stop_after_first_epoch(step, model):
         if step == 2:
@@ -96,8 +96,8 @@ def test_resume_under_cosine_refuses_new_epochs_and_continues_with_the_same(tmp_
 
     run(cfg, on_step=stop_after_first_epoch)
     with pytest.raises(CheckpointError, match=r"'epochs': \(2, 3\)"):
-        run(tiny_config(tmp_path, schedule="cos", epochs=3, resume=True))
-    hist = run(tiny_config(tmp_path, schedule="cos", epochs=2, resume=True))
+        run(tiny_config(tmp_path, schedule="cos", epochs=3, resume=True, backbone_lr_mult=0.1))
+    hist = run(tiny_config(tmp_path, schedule="cos", epochs=2, resume=True, backbone_lr_mult=0.1))
     assert [r["epoch"] for r in hist] == [1, 2] and _metric_epochs(Path(cfg.out)) == [1, 2]
     assert hist[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine reached its end at epoch 2 of 2
 

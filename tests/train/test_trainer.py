@@ -80,10 +80,10 @@ def test_bad_data_and_models(tmp_path):
         run(tiny_config(tmp_path, data=str(tmp_path / "imgs"), out=str(tmp_path / "r2")))
     with pytest.raises(ValueError, match="unknown timm model"):
         run(tiny_config(tmp_path, model="not_a_model_xyz", out=str(tmp_path / "r3")))
-    with pytest.raises(ValueError, match="4-D"):
-        run(tiny_config(tmp_path, model="vit_tiny_patch16_224", image_size=224, out=str(tmp_path / "r4")))
-    with pytest.raises(ValueError, match="cannot run on"):
-        run(tiny_config(tmp_path, model="vit_tiny_patch16_224", out=str(tmp_path / "r7")))
+    with pytest.raises(ValueError, match="'mixer_s32_224'.*num_prefix_tokens"):  # tokens, no patch-grid contract
+        run(tiny_config(tmp_path, model="mixer_s32_224", image_size=224, out=str(tmp_path / "r4")))
+    with pytest.raises(ValueError, match="cannot run on"):  # 8 px: less than one 16-px ViT patch
+        run(tiny_config(tmp_path, model="vit_tiny_patch16_224", image_size=8, out=str(tmp_path / "r7")))
     with pytest.raises(ValueError, match="GPU"):
         run(tiny_config(tmp_path, amp=True, out=str(tmp_path / "r5")))
     with pytest.raises(CheckpointError, match="no checkpoint"):
