@@ -227,8 +227,9 @@ class PublishedConceptTuning:
         views: 4 tensors (B, 3, 224, 224); y (B,) int64; xi (B, L); r_cur (B,); r_pos (B, K).
         Returns dict with the loss parts ("loss", "ce", "img", "con", "ce_ib", "kl"; detached),
         "grads" {q parameter name: grad before the SGD step}, "conf", "boxes_q", "boxes_k",
-        "Zq_p", "Zk_p" (detached), "key_bn_before_patches" (the key backbone's buffers after its
-        view 2/1/3 passes, before its 9 patch passes) and "sinkhorn" (iteration counts per call).
+        "Zq_p", "Zk_p" (detached) and "sinkhorn" (iteration counts per call). BN buffers are those of
+        real train-mode nn.BatchNorm* passes: every pass counts num_batches_tracked (the query's 9
+        patch passes too, at momentum 0), the key's 9 patch passes move its running stats 9 times.
         """
         q, k = self.q, self.k
         q.train()
@@ -253,8 +254,6 @@ class PublishedConceptTuning:
             y_k2, _, f_k2 = k(views[3])
             W_k = k.head.weight.detach().clone()
             boxes_k, _ = search_patches_published(f_k2.clone(), y_k2, y, W_k, self.n_conf)
-            # observation only: the key BN buffers after the view 2/1/3 passes
-            key_bn_before_patches = {n: b.clone() for n, b in k.backbone.named_buffers()}
             # key BN: train mode at its own momentum (0.1): the 9 passes move the running stats
             Zk_p = self.encode_patches(k, views[3], boxes_k)
         # 6.-7. logits on the pre-step queue snapshot, enqueue per sample inside the loop
@@ -274,9 +273,8 @@ class PublishedConceptTuning:
         parts = dict(loss=loss, ce=ce, img=L_img, con=L_con, ce_ib=ce_ib, kl=L_kl)
         out: Dict[str, object] = {n: v.detach() for n, v in parts.items()}
         out.update(grads=grads, conf=conf, boxes_q=boxes_q, boxes_k=boxes_k, Zq_p=Zq_p.detach(),
-                   Zk_p=Zk_p.detach(), key_bn_before_patches=key_bn_before_patches,
-                   sinkhorn=dict(cur=info["n_iter_cur"], pos=info["n_iter_pos"],
-                                 neg=info["n_iter_neg"]))
+                   Zk_p=Zk_p.detach(), sinkhorn=dict(cur=info["n_iter_cur"], pos=info["n_iter_pos"],
+                                                     neg=info["n_iter_neg"]))
         return out
 
 

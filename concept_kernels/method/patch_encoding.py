@@ -1,5 +1,6 @@
-"""Patch crops (:func:`roi_align`) and per-position batch-norm statistics for the patch passes
-(:func:`grouped_batch_norm`, method_spec §5.2)."""
+"""Patch crops (:func:`roi_align`), per-position batch-norm statistics for the patch passes
+(:func:`grouped_batch_norm`) and the query encoder's BN momentum 0 there (:func:`fixed_batch_norm`),
+method_spec §5.2."""
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -7,6 +8,8 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 
 def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, int],
@@ -45,17 +48,24 @@ def roi_align(x: torch.Tensor, boxes: torch.Tensor, output_size: tuple[int, int]
 
 class _GroupBatchNorm(torch.autograd.Function):
     """Batch norm of x (G*B, C, ...) with statistics per group of B consecutive entries (NCHW or
-    channels-last). Forward: ATen's batch-norm kernel per group, into slices of one output. Backward:
-    all groups at once on the (G, M, C) view (M = B*H*W), xhat = (x - mean) * invstd:
+    channels-last). Forward: ATen's batch-norm kernel per group, into slices of one output; with
+    running stats, group g also updates them in place at momentum ``momenta[g]`` (ATen's own EMA with
+    the unbiased variance, in group order: what G sequential train-mode calls do). Backward: all groups
+    at once on the (G, M, C) view (M = B*H*W), xhat = (x - mean) * invstd:
     dx = w * invstd * (dy - mean_M(dy) - xhat * mean_M(dy * xhat)), dw = sum dy * xhat, db = sum dy.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, groups):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momenta, eps, groups):
         out, mean, invstd = torch.empty_like(x), x.new_empty(groups, x.shape[1]), x.new_empty(groups, x.shape[1])
         for g, (xg, og) in enumerate(zip(x.chunk(groups), out.chunk(groups))):
-            torch.ops.aten._native_batch_norm_legit.no_stats_out(
-                xg, weight, bias, True, 0.0, eps, out=og, save_mean=mean[g], save_invstd=invstd[g])
+            if running_mean is None:
+                torch.ops.aten._native_batch_norm_legit.no_stats_out(
+                    xg, weight, bias, True, 0.0, eps, out=og, save_mean=mean[g], save_invstd=invstd[g])
+            else:
+                torch.ops.aten._native_batch_norm_legit.out(
+                    xg, weight, bias, running_mean, running_var, True, momenta[g], eps, out=og,
+                    save_mean=mean[g], save_invstd=invstd[g])
         ctx.save_for_backward(x, weight, mean, invstd)
         return out
 
@@ -72,17 +82,46 @@ class _GroupBatchNorm(torch.autograd.Function):
         dx = torch.addcmul(coef * mean - a * s_dy / xv.shape[1], dyv, a).addcmul_(xv, coef, value=-1)
         dw = s_dyxhat.sum((0, 1)) if ctx.needs_input_grad[1] else None
         db = s_dy.sum((0, 1)) if ctx.needs_input_grad[2] else None
-        return dx.view(last.shape).movedim(-1, 1), dw, db, None, None
+        return dx.view(last.shape).movedim(-1, 1), dw, db, None, None, None, None, None
+
+
+def _batch_norms(network: nn.Module) -> list[_BatchNorm]:
+    return [m for m in network.modules() if isinstance(m, _BatchNorm)]
+
+
+def _sequential_momenta(bn: _BatchNorm, momentum: float, groups: int) -> list[float]:
+    """The EMA factors of ``groups`` train-mode calls of ``bn`` in a row, the first of which was
+    given ``momentum``: that constant, or with ``bn.momentum`` None (cumulative average) 1/n, 1/(n+1),
+    ... where n = ``bn.num_batches_tracked`` (read on the host), already counted for the first call by
+    ``bn.forward``."""
+    if bn.momentum is not None:
+        return [momentum] * groups
+    n = int(bn.num_batches_tracked)
+    return [1.0 / (n + g) for g in range(groups)]
 
 
 @contextmanager
-def grouped_batch_norm(groups: int) -> Iterator[None]:
-    """Within the block, batch norms in batch-statistics mode normalise a group-major batch
-    (G*B, C, ...) with each group's own statistics and leave the running stats alone: one pass ==
-    G separate train-mode passes with BN momentum 0 (``num_batches_tracked`` still counts). Eval-mode
-    batch norms are unaffected. It swaps ``torch.nn.functional.batch_norm`` (not thread-safe), which
-    catches ``nn.BatchNorm*`` and timm's ``BatchNormAct2d``.
+def grouped_batch_norm(groups: int, network: nn.Module) -> Iterator[None]:
+    """Within the block, the batch norms of ``network`` in batch-statistics mode normalise a
+    group-major batch (G*B, C, ...) with each group's own statistics: one forward of ``network`` ==
+    G separate train-mode forwards of the B-entry groups in group order, outputs, gradients and
+    buffers alike. A batch norm that tracks running stats updates them as the G calls would (one
+    EMA step per group at its momentum, with that group's unbiased variance; momentum None: the
+    cumulative average) and counts G in ``num_batches_tracked``; momentum 0 leaves them unchanged
+    (the published patch passes of the query encoder, see :func:`fixed_batch_norm`). Eval-mode batch
+    norms are unaffected.
+
+    It swaps ``torch.nn.functional.batch_norm`` (not thread-safe), which catches ``nn.BatchNorm*`` and
+    timm's ``BatchNormAct2d``. Raises ValueError if the batch is not a multiple of G, if a batch norm
+    with running stats that is not part of ``network`` runs in batch-statistics mode, or if one runs
+    twice in the block (G passes would interleave its running-stat updates differently).
     """
+    if not (isinstance(groups, int) and groups >= 1):
+        raise ValueError(f"grouped_batch_norm: groups must be an int >= 1, got {groups!r}")
+    if not isinstance(network, nn.Module):
+        raise TypeError(f"grouped_batch_norm: network must be an nn.Module, got {type(network).__name__}")
+    by_stats = {id(m.running_mean): m for m in _batch_norms(network) if m.running_mean is not None}
+    ran: set[int] = set()
     original = F.batch_norm
 
     def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
@@ -92,12 +131,41 @@ def grouped_batch_norm(groups: int) -> Iterator[None]:
         if input.shape[0] % groups:
             raise ValueError(f"grouped_batch_norm({groups}): batch {input.shape[0]} is not a multiple "
                              "of the group count")
+        bn, momenta = None, None
+        if running_mean is not None:
+            bn = by_stats.get(id(running_mean))
+            if bn is None:
+                raise ValueError(f"grouped_batch_norm({groups}): a batch norm with running stats that is not "
+                                 f"part of network ({type(network).__name__}) ran in batch-statistics mode")
+            if id(running_mean) in ran:
+                raise ValueError(f"grouped_batch_norm({groups}): a batch norm ({bn}) ran twice in one block; "
+                                 f"its running stats cannot be updated as {groups} separate passes would")
+            ran.add(id(running_mean))
+            momenta = _sequential_momenta(bn, momentum, groups)
         if not input.is_contiguous(memory_format=torch.channels_last):
             input = input.contiguous()
-        return _GroupBatchNorm.apply(input, weight, bias, eps, groups)
+        out = _GroupBatchNorm.apply(input, weight, bias, running_mean, running_var, momenta, eps, groups)
+        if bn is not None and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(groups - 1)  # bn.forward counted the first group
+        return out
 
     torch.nn.functional.batch_norm = batch_norm
     try:
         yield
     finally:
         torch.nn.functional.batch_norm = original
+
+
+@contextmanager
+def fixed_batch_norm(network: nn.Module) -> Iterator[None]:
+    """Within the block every batch norm of ``network`` has momentum 0 (the published ``fix_bn``):
+    train-mode passes normalise with batch statistics, leave the running stats unchanged and still
+    count ``num_batches_tracked``. Restores each module's momentum (None included) on exit."""
+    saved = [(m, m.momentum) for m in _batch_norms(network)]
+    for m, _ in saved:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -13,7 +14,7 @@ from torch import nn
 
 import concept_kernels as ck
 
-from ..method import grouped_batch_norm, roi_align
+from ..method import fixed_batch_norm, grouped_batch_norm, roi_align
 from .feature_maps import model_name, to_feature_map
 
 METHODS = ("concept", "vanilla", "linear", "bituning", "surgical")
@@ -211,7 +212,7 @@ class ConceptTuner(nn.Module):
             with torch.no_grad():
                 f, y = self._key_pass(views[2]) if image_mode else (f0.detach(), logits.detach())
                 boxes, conf = self._search(f, y, labels, (self.key_head if image_mode else self.head).weight)
-            zq_p = self._patches(self.backbone, self.head, views[2] if image_mode else f0, boxes, B)
+            zq_p = self._patches(self.backbone, self.head, views[2] if image_mode else f0, boxes, B, fix_bn=True)
         with torch.no_grad():
             ck.momentum_update_(nn.ModuleList([self.key_backbone, self.key_head]),
                                 nn.ModuleList([self.backbone, self.head]), self.momentum)
@@ -232,11 +233,13 @@ class ConceptTuner(nn.Module):
         self.queues.enqueue(_gather(z_k), _gather(zk_p.contiguous()), _gather(labels))
         return out
 
-    def _patches(self, backbone, head, x, boxes, B) -> torch.Tensor:
+    def _patches(self, backbone, head, x, boxes, B, fix_bn: bool = False) -> torch.Tensor:
         """(B, P, Cls) unit rows, the detached head on the patches' features. Image mode: crops
         (P*B, 3, S, S) of the view ``x``, position-major, through ``backbone`` in one pass with
-        per-position BN statistics (= the published P passes with momentum 0), GAP; the IB branch is
-        skipped. Transformers (ViT, Swin) normalise per token (LayerNorm): nothing couples the patches of
+        per-position BN statistics, GAP; the IB branch is skipped. The pass is the published P
+        train-mode passes, BN buffers included: running stats move P times at the BN momentum, or stay
+        put with ``fix_bn`` (the query encoder's published momentum 0), and ``num_batches_tracked``
+        counts P. Transformers (ViT, Swin) normalise per token (LayerNorm): nothing couples the patches of
         a batch, so the one pass IS the P passes; their h is the mean of the patch tokens, as for every
         view. Roi mode (NOT equivalent, the features see the whole image): 2x2 RoIAlign of the
         view's feature map ``x``, averaged (as GAP over the 2x2 map of a 64-px crop)."""
@@ -245,7 +248,8 @@ class ConceptTuner(nn.Module):
             h = roi_align(x, boxes, (2, 2), spatial_scale=1.0 / self.stride[0]).mean((2, 3))
             return _embed(h, head).view(B, P, -1)
         crops = roi_align(x, boxes.view(B, P, 5).transpose(0, 1).reshape(P * B, 5), (self.patch_pixels,) * 2)
-        with grouped_batch_norm(P):
+        momentum_0 = fixed_batch_norm(backbone) if fix_bn else nullcontext()
+        with grouped_batch_norm(P, backbone), momentum_0:
             h = self.features(backbone, crops).mean((2, 3))
         return _embed(h, head).view(P, B, -1).transpose(0, 1)
 
