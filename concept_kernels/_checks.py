@@ -102,14 +102,15 @@ def check_no_nan(name: str, t: torch.Tensor, *, finite: bool = False) -> None:
 
 
 def check_index(name: str, index: torch.Tensor, upper: int, upper_name: str) -> None:
-    """``index`` holds int64 values in ``[0, upper)`` (host check on CPU, device assert on CUDA)."""
+    """``index`` holds int64 values in ``[0, upper)`` (host check on CPU, device assert on CUDA and inside
+    ``torch.compile``, where reading a value on the host would break the graph)."""
     check_has_data(**{name: index})
     if index.dtype != torch.int64:
         raise TypeError(f"{name} must have dtype int64, got {str(index.dtype).replace('torch.', '')}")
     if index.numel() == 0:
         return
-    if index.device.type == "cuda":
-        # No host read on the GPU (it would sync and break CUDA-graph capture): a device assert.
+    if index.device.type == "cuda" or torch.compiler.is_compiling():
+        # No host read on the GPU (it would sync and break CUDA-graph capture) nor while compiling: an assert op.
         ok = ((index >= 0) & (index < upper)).all()
         torch._assert_async(ok, f"{name} values must lie in [0, {upper}) ({upper_name})")
         return

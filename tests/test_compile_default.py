@@ -29,6 +29,7 @@ def _check(f, *inputs):
     torch.testing.assert_close(y1, y2, rtol=1e-4, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    return compiled
 
 
 def test_ot_similarity():
@@ -61,5 +62,8 @@ def test_concept_contrastive_loss():
     qp, kp, queue = unit(B, P, D), unit(B, P, D), unit(n_cls, K, P, D)
     labels, conf = torch.tensor([0, 1, 2]), torch.tensor([[1, 2, 3], [0, 2, 4], [0, 1, 3]])
     picks = dict(choice_cur=torch.zeros(B, 1, dtype=torch.long), choice_pos=torch.ones(B, K, dtype=torch.long))
-    _check(lambda x: ck.concept_contrastive_loss(x, kp, queue, labels, conf, stop="published", **picks),
-           qp.requires_grad_())
+    f = lambda x, y: ck.concept_contrastive_loss(x, kp, queue, y, conf, stop="published", **picks)  # noqa: E731
+    compiled = _check(f, qp.requires_grad_(), labels)
+    # index checks stay inside the compiled graph (an assert op, no host read): a bad label still fails clearly
+    with pytest.raises(RuntimeError, match=r"labels values must lie in \[0, 5\)"):
+        compiled(qp, torch.tensor([0, 1, 7]))
