@@ -185,6 +185,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    threads_before = torch.get_num_threads()
     try:
         evaluate_run(args)
     except ImportError as e:
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads_before)
     return 0
 
 
