@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
-from .runtime import missing_extra_message
+from .runtime import HelpFormatter, missing_extra_message
 from .trainer import CheckpointError, Config, run
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
@@ -58,18 +58,9 @@ outputs in --out: config.json, checkpoint.pt, best.pt, metrics.jsonl, metrics.cs
 in tensorboard/ when tensorboard is installed)"""
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Appends ``(default: X)``, except for a None default, whose help text says what it means."""
-
-    def _get_help_string(self, action):
-        if action.default is None:
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m concept_kernels.train", description=__doc__.split("\n")[0],
-                                formatter_class=_HelpFormatter, epilog=EPILOG)
+                                formatter_class=HelpFormatter, epilog=EPILOG)
     for f in dataclasses.fields(Config):
         if f.name in SKIPPED:
             continue

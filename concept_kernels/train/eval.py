@@ -1,5 +1,7 @@
-"""``python -m concept_kernels.train.eval --run DIR``: a trained run's test accuracy per head, its
-confusion matrices (``confusion_<best|last>.png``) and a JSON of the results (``eval_<best|last>.json``).
+"""``python -m concept_kernels.train.eval --run DIR``: test accuracy per head of a trained run.
+
+Writes the confusion matrices (``confusion_<best|last>.png``) and a JSON of the results
+(``eval_<best|last>.json``: accuracy, per-class accuracy and confusion matrix per head).
 
 The model is rebuilt from the checkpoint's own configuration (:func:`load_tuner`; no pretrained weights
 are fetched, the checkpoint's replace them) and evaluated on the test split (ID) of the run's data
@@ -25,7 +27,7 @@ import torch
 from .backbones import create_backbone
 from .checkpoint import BEST, CHECKPOINT, CheckpointError, load_checkpoint, write_json
 from .model import ConceptTuner
-from .runtime import missing_extra_message, resolve_threads, resolve_workers
+from .runtime import HelpFormatter, missing_extra_message, resolve_threads, resolve_workers
 from .trainer import Config, batches, build_data, build_model, builtin_task
 
 WHICH = {"best": BEST, "last": CHECKPOINT}
@@ -126,7 +128,7 @@ def plot_confusion(counts: dict[str, torch.Tensor], names: list[str], path: Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m concept_kernels.train.eval", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 epilog="example: python -m concept_kernels.train.eval --run runs/mine --checkpoint last")
     p.add_argument("--run", required=True, help="the training run's output directory (its --out)")
     p.add_argument("--checkpoint", choices=tuple(WHICH), default="best",
@@ -138,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="where the JSON and the PNG go (default: --run)")
     p.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix PNG (needs matplotlib)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: auto, as the trainer)")
-    p.add_argument("--workers", type=int, default=None, help="DataLoader workers for an ImageFolder (default: auto)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="DataLoader workers for an ImageFolder (default: auto, as the trainer)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     return p
 

@@ -1,5 +1,5 @@
-"""How a training process uses the machine: torch threads, DataLoader workers, and the one-line
-message for a missing optional dependency (the ``train`` extra).
+"""How a training process uses the machine: torch threads, DataLoader workers; and what its CLIs share:
+the one-line message for a missing optional dependency (the ``train`` extra), the help formatter.
 
 The thread rule (shared by the trainer CLI and, later, the demo): one torch thread per physical core of
 this process's CPU affinity, split between the ranks on this node, and ONE thread when the machine is
@@ -8,6 +8,7 @@ busy (1-min load average >= its CPU count): oversubscribed OpenMP threads were ~
 """
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -68,6 +69,16 @@ def default_workers(decodes_files: bool, local_ranks: int = 1) -> tuple[int, str
         return 0, f"the machine is busy (1-min load {load:.1f} >= {cpus} CPUs): decoding in the main process"
     n = min(MAX_AUTO_WORKERS, physical_cores() // max(local_ranks, 1) // 2)
     return n, f"half the physical cores per rank, at most {MAX_AUTO_WORKERS}"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """The train CLIs' help: ``(default: X)`` appended, except for a None default, whose help text says
+    what it means; the epilog's examples keep their lines."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def missing_extra_message(error: ImportError) -> str | None:
