@@ -7,9 +7,13 @@
 * Saves go to a unique temp file (``checkpoint.pt.<pid>.<random>.tmp``), are fsync'ed, then ``os.replace``'d;
   a failed save (disk full: "no space left on <dir>") removes its temp file and leaves the previous
   checkpoint as it was.
-* ``<out>/metrics.jsonl`` is rewritten from the checkpoint's history right after each checkpoint
-  (and on resume), so it never holds an epoch the checkpoint does not: a resume never repeats rows,
-  and a run stopped before its first save leaves the files it found (e.g. under ``--overwrite``).
+* ``<out>/metrics.jsonl`` (and the same rows as ``metrics.csv``) are rewritten from the checkpoint's
+  history right after each checkpoint (and on resume), so they never hold an epoch the checkpoint does
+  not: a resume never repeats rows, and a run stopped before its first save leaves the files it found
+  (e.g. under ``--overwrite``).
+* ``<out>/best.pt``: a byte copy of the checkpoint written at the epoch with the best test accuracy so
+  far (the published protocol: max over epochs of max over heads), digest included.
+* ``<out>/config.json``: the run's configuration (resolved defaults), written at start.
 * Rank 0 holds ``fcntl.flock`` on ``<out>/.lock`` for the whole run: a second run into the same
   directory gets an :class:`OutputDirError`. The lock file stays (it does not count as content).
 * Resuming restores the optimizer and the LR schedule from the checkpoint, so the settings that
@@ -18,9 +22,11 @@
 """
 from __future__ import annotations
 
+import csv
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import os
 import random
@@ -33,7 +39,10 @@ import numpy as np
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
 METRICS = "metrics.jsonl"
+METRICS_CSV = "metrics.csv"
+CONFIG_JSON = "config.json"
 LOCK = ".lock"
 REQUIRED = ("model", "optimizer", "scheduler", "state", "history", "rng", "config", "sha256")
 # settings the optimizer / scheduler state carries: a resume keeps the saved ones, so they must match
@@ -173,7 +182,7 @@ def load_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"--resume: no checkpoint at {path}") from None
+        raise CheckpointError(f"no checkpoint at {path}") from None
     except Exception as e:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from e
@@ -193,10 +202,30 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy the checkpoint file ``src`` to ``dst`` atomically (bytes as they are: the digest travels)."""
+    data = Path(src).read_bytes()
+    _write_atomic(Path(dst), lambda fh: fh.write(data))
+
+
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, atomically."""
+    text = json.dumps(obj, indent=2) + "\n"
+    _write_atomic(Path(path), lambda fh: fh.write(text.encode()))
+
+
 def write_metrics(out: Path, history: Iterable[dict]) -> None:
-    """Rewrite ``<out>/metrics.jsonl`` atomically: one JSON row per finished epoch of ``history``."""
+    """Rewrite ``<out>/metrics.jsonl`` (one JSON row per finished epoch of ``history``) and
+    ``<out>/metrics.csv`` (the same rows; columns: every key, in order of first appearance) atomically."""
+    history = list(history)
     text = "".join(json.dumps(row) + "\n" for row in history)
     _write_atomic(Path(out) / METRICS, lambda fh: fh.write(text.encode()))
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(history)
+    _write_atomic(Path(out) / METRICS_CSV, lambda fh: fh.write(table.getvalue().encode()))
 
 
 # ---- resume ----------------------------------------------------------------------------------
@@ -286,7 +315,8 @@ class OutputDir:
             self._release()
             raise OutputDirError(f"output dir {out} is not writable ({e.strerror or e}); choose a writable "
                                  "--out") from e
-        stale_names = (CHECKPOINT + ".tmp", CHECKPOINT + ".*.tmp", METRICS + ".*.tmp")  # (.tmp: older versions)
+        stale_names = (CHECKPOINT + ".tmp",) + tuple(  # (.tmp: older versions)
+            name + ".*.tmp" for name in (CHECKPOINT, BEST, METRICS, METRICS_CSV, CONFIG_JSON))
         for stale in [p for pattern in stale_names for p in out.glob(pattern)]:
             stale.unlink(missing_ok=True)  # only ours: the lock is held
         return self

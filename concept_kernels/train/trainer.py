@@ -1,5 +1,8 @@
 """The fine-tuning loop: ``run(Config(...))`` trains and returns the per-epoch metrics.
 
+At start (rank 0) it prints a summary (data, model, parameters, method, device, threads, steps) and
+writes ``<out>/config.json``; metrics go to ``metrics.jsonl``, ``metrics.csv`` and, when tensorboard is
+installed, TensorBoard scalars; ``best.pt`` holds the best epoch's checkpoint (:mod:`.checkpoint`).
 Checkpoints (``<out>/checkpoint.pt``, each epoch and on Ctrl-C, via a temp file + ``os.replace``) hold
 the model (queues, key encoder), optimizer, scheduler, step counters and every rank's torch/numpy/python
 RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP. The output
@@ -22,10 +25,13 @@ import torch
 import torch.distributed as dist
 
 from .backbones import create_backbone
-from .checkpoint import (CHECKPOINT, CheckpointError, OutputDir, check_resume_config, load_checkpoint,  # noqa: F401
-                         rng_state, save_checkpoint, set_rng_state, write_metrics)  # (CheckpointError: re-exported)
+from .checkpoint import (BEST, CHECKPOINT, CONFIG_JSON, CheckpointError, OutputDir,  # noqa: F401
+                         check_resume_config, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint,
+                         set_rng_state, write_json, write_metrics)  # (CheckpointError: re-exported)
 from .data import builtin, image_folder, make_views
 from .model import ConceptTuner
+from .report import TensorBoardScalars, startup_summary
+from .runtime import resolve_threads, resolve_workers
 
 # fields that must match when resuming (the rest, e.g. epochs or progress, may change)
 _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_size", "seed", "shots_per_class",
@@ -75,7 +81,8 @@ class Config:
     pretrained: bool = _doc(True, "ImageNet weights (offline for tf_efficientnet_lite0 / efficientnet_lite0)")
     data: str | None = _doc(None, "ImageFolder root with train/ and val/, or a built-in offline task: "
                                   "builtin:digits (sklearn digits, the default) or builtin:animals (animal-mnist)")
-    shots_per_class: int = _doc(10, "training images per class (<=0: all)")
+    shots_per_class: int | None = _doc(None, "training images per class (<=0: all; default: 10 for the built-in "
+                                             "few-shot tasks, all for an ImageFolder)")
     image_size: int = 96
     method: str = "concept"
     patch_mode: str = "image"
@@ -116,6 +123,33 @@ class Config:
     hflip: bool | None = _doc(None, "default: off for digits, on otherwise")
     progress: bool = True
     cache_dir: str | None = None
+    # how the process uses the machine (concept_kernels/train/runtime.py); not part of the run's identity
+    threads: int | None = _doc(None, "torch threads per process; 0: auto (the physical cores of this process's "
+                                     "CPU affinity per local rank, 1 when the machine is busy: 1-min load >= CPUs); "
+                                     "None: leave as set (the library default; the CLI's is 0)")
+    workers: int | None = _doc(None, "DataLoader workers decoding ImageFolder images (default: auto, 0 on a busy "
+                                     "machine; built-in tasks are in-memory tensors and take none)")
+
+
+DEFAULT_BUILTIN_SHOTS = 10
+
+
+class History(list):
+    """``run``'s per-epoch metric rows; ``interrupted`` is True when Ctrl-C stopped the run (after saving)."""
+
+    interrupted: bool = False
+
+
+def resolve_shots(cfg: Config) -> tuple[int, str]:
+    """(training images per class, 0 = all; how that was chosen) for ``cfg``: ``cfg.shots_per_class`` when
+    given, else 10 for a built-in task (few-shot benchmarks) and all images of an ImageFolder."""
+    n = cfg.shots_per_class
+    if n is not None:
+        return n, (f"all: --shots-per-class {n}" if n <= 0 else f"{n} per class: --shots-per-class {n}")
+    if builtin_task(cfg) is not None:
+        return DEFAULT_BUILTIN_SHOTS, (f"{DEFAULT_BUILTIN_SHOTS} per class: the built-in tasks' few-shot default; "
+                                       "--shots-per-class 0 for all")
+    return 0, "all: the default for an ImageFolder; --shots-per-class N for N per class"
 
 
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -137,39 +171,62 @@ def builtin_task(cfg: Config) -> str | None:
     return cfg.data.removeprefix("builtin:") if cfg.data.startswith("builtin:") else None
 
 
-def build(cfg: Config, device: torch.device):
-    """(model, train_set, test_set) for ``cfg``."""
-    backbone = create_backbone(cfg.model, cfg.pretrained, cfg.cache_dir)
-    task = builtin_task(cfg)
+def build_data(cfg: Config, backbone: torch.nn.Module):
+    """(train_set, test_set, class names) for ``cfg`` (shots: :func:`resolve_shots`; ``test_limit`` applied);
+    an ImageFolder is normalised with ``backbone``'s pretrained mean/std."""
+    task, shots = builtin_task(cfg), resolve_shots(cfg)[0]
     if task is not None:
-        train_set, test_set, names = builtin(task, cfg.image_size, cfg.shots_per_class, cfg.seed)
+        train_set, test_set, names = builtin(task, cfg.image_size, shots, cfg.seed)
     else:
         dc = getattr(backbone, "pretrained_cfg", {}) or {}
         train_set, test_set, names = image_folder(cfg.data, cfg.image_size, dc.get("mean", (0.485, 0.456, 0.406)),
-                                                  dc.get("std", (0.229, 0.224, 0.225)), cfg.shots_per_class, cfg.seed)
+                                                  dc.get("std", (0.229, 0.224, 0.225)), shots, cfg.seed)
+    if 0 < cfg.test_limit < len(test_set):
+        test_set = torch.utils.data.Subset(test_set, range(cfg.test_limit))
+    return train_set, test_set, names
+
+
+def build_model(cfg: Config, backbone: torch.nn.Module, num_classes: int, device: torch.device) -> ConceptTuner:
+    """The :class:`ConceptTuner` that ``cfg`` describes, on ``backbone``, with ``num_classes`` classes."""
     kw = {k: getattr(cfg, k) for k in ("method", "patch_mode", "num_patches", "num_confusing", "queue_len",
                                        "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks",
                                        "temperature", "sinkhorn_stop")}
-    model = ConceptTuner(backbone, len(names), (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
-    if 0 < cfg.test_limit < len(test_set):
-        test_set = torch.utils.data.Subset(test_set, range(cfg.test_limit))
-    return model, train_set, test_set
+    return ConceptTuner(backbone, num_classes, (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
 
 
-def _batch(ds, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def build(cfg: Config, device: torch.device):
+    """(model, train_set, test_set, class names) for ``cfg``."""
+    backbone = create_backbone(cfg.model, cfg.pretrained, cfg.cache_dir)
+    train_set, test_set, names = build_data(cfg, backbone)
+    return build_model(cfg, backbone, len(names), device), train_set, test_set, names
+
+
+def batches(ds, index_lists: list[list[int]], workers: int = 0):
+    """(x (B, 3, H, W), y (B,)) for each list of positions in ``ds``: in-memory tensors are indexed at
+    once; other datasets (image files) load through a DataLoader with ``workers`` processes. The
+    DataLoader gets its own generator, so the global torch RNG (augmentation) is not drawn from."""
     if isinstance(ds, torch.utils.data.TensorDataset):
-        return ds[idx]
-    items = [ds[i] for i in idx.tolist()]
-    return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
+        for idx in index_lists:
+            yield ds[torch.tensor(idx, dtype=torch.long)]
+        return
+    yield from torch.utils.data.DataLoader(ds, batch_sampler=index_lists, num_workers=workers,
+                                           generator=torch.Generator(), worker_init_fn=_ignore_sigint)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C (sent to the whole process group) to the main process, which
+    finishes its step and saves; a worker that died of it would break that step's next batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @torch.no_grad()
-def evaluate(model: ConceptTuner, ds, device: torch.device, batch_size: int = 100) -> dict[str, float]:
+def evaluate(model: ConceptTuner, ds, device: torch.device, batch_size: int = 100,
+             workers: int = 0) -> dict[str, float]:
     """Top-1 of the main head and (concept) of the IB head on ``ds``; "acc" = max of the two (§6)."""
     model.eval()
     hits: dict[str, int] = {}
-    for s in range(0, len(ds), batch_size):
-        x, y = _batch(ds, torch.arange(s, min(len(ds), s + batch_size)))
+    chunks = [list(range(s, min(len(ds), s + batch_size))) for s in range(0, len(ds), batch_size)]
+    for x, y in batches(ds, chunks, workers):
         for k, v in model.predict(x.to(device)).items():
             hits[k] = hits.get(k, 0) + int((v.argmax(1).cpu() == y).sum())
     model.train()
@@ -186,23 +243,37 @@ def run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None = None)
     locks the output directory for the whole run (:class:`.checkpoint.OutputDir`).
     """
     rank = _setup_distributed()[0]
-    with OutputDir(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite, enabled=rank == 0):
-        return _run(cfg, on_step)
+    threads_before = torch.get_num_threads()
+    try:
+        with OutputDir(Path(cfg.out), resume=cfg.resume, overwrite=cfg.overwrite, enabled=rank == 0):
+            return _run(cfg, on_step)
+    finally:
+        if torch.get_num_threads() != threads_before:
+            torch.set_num_threads(threads_before)
 
 
-def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> list[dict]:
+def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> History:
     rank, world, device = _setup_distributed()
     if cfg.amp and device.type != "cuda":
         raise ValueError("--amp uses CUDA autocast (bfloat16) and needs a GPU; this run is on the CPU")
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    threads = resolve_threads(cfg.threads, local_ranks)
+    workers = resolve_workers(cfg.workers, builtin_task(cfg) is None, local_ranks)
+    torch.set_num_threads(threads[0])
+    shots, shots_note = resolve_shots(cfg)
+    # the resolved values are the run's record (config.json, the checkpoint, resume checks)
+    cfg = dataclasses.replace(cfg, shots_per_class=shots, threads=threads[0], workers=workers[0])
     out, ckpt_path = Path(cfg.out), Path(cfg.out) / CHECKPOINT
     conf = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()}
+    if cfg.resume and not ckpt_path.exists():
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
         check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
-    model, train_set, test_set = build(cfg, device)
+    model, train_set, test_set, names = build(cfg, device)
     task = builtin_task(cfg)
     hflip = task != "digits" if cfg.hflip is None else cfg.hflip  # flips change digits
     min_crop = cfg.min_crop or (0.2 if task is None else 0.6)  # 20% crops of a 8x8 / 28x28 image are strokes
@@ -212,13 +283,13 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> li
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cos"
              else torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1))
-    state, history = dict(epoch=0, step_in_epoch=0, global_step=0), []
+    state, history = dict(epoch=0, step_in_epoch=0, global_step=0), History()
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
-        state, history = dict(ckpt["state"]), list(ckpt["history"])
+        state, history = dict(ckpt["state"]), History(ckpt["history"])
         set_rng_state(ckpt["rng"][rank])
         if rank == 0:
             write_metrics(out, history)  # drops rows a failed save may have left after the checkpoint's
@@ -245,20 +316,35 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> li
         if rank == 0:
             print("\nCtrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
-    def save() -> None:
+    def save(best: bool = False) -> None:
+        """The checkpoint (and, for a best epoch, best.pt first: a crash in between redoes the epoch
+        bit-exactly on resume, which rewrites best.pt), then the metrics files."""
         rngs = [rng_state()] * world
         if world > 1:
             dist.all_gather_object(rngs, rngs[rank])
         if rank == 0:
-            save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=opt.state_dict(),
-                                            scheduler=sched.state_dict(), state=dict(state), history=history,
-                                            rng=rngs, config=conf))
+            payload = dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                           state=dict(state), history=list(history), rng=rngs, config=conf)
+            if best:
+                save_checkpoint(out / BEST, payload)
+                copy_checkpoint(out / BEST, ckpt_path)
+            else:
+                save_checkpoint(ckpt_path, payload)
             write_metrics(out, history)  # after the checkpoint: never an epoch it does not hold
 
     main_thread = threading.current_thread() is threading.main_thread()
     old_handler = signal.signal(signal.SIGINT, on_sigint) if main_thread else None
+    tensorboard = TensorBoardScalars(out, enabled=rank == 0)
     try:
         from tqdm.auto import tqdm
+
+        if rank == 0:  # (after the Ctrl-C handler: from here on Ctrl-C saves)
+            print(startup_summary(cfg, data=cfg.data or "builtin:digits", shots_note=shots_note,
+                                  n_train=len(train_set), n_test=len(test_set), classes=len(names), model=model,
+                                  device=device, world=world, threads=threads, workers=workers, steps=steps,
+                                  backbone_mult=backbone_lr_mult(cfg), tensorboard_note=tensorboard.note), flush=True)
+            write_json(out / CONFIG_JSON, conf)
+        best_acc = max((r["acc"] for r in history if "acc" in r), default=float("-inf"))
 
         while state["epoch"] < cfg.epochs:
             epoch = state["epoch"]
@@ -268,12 +354,13 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> li
             model.train()
             sums: dict[str, float] = state.pop("sums", None) or {"n": 0.0}  # running means survive a resume
             t0, start = time.perf_counter(), state["step_in_epoch"]
+            train_batches = batches(train_set, [order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size].tolist()
+                                                for s in range(start, steps)], workers[0])
             bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and rank == 0), leave=False)
             while state["step_in_epoch"] < steps and not interrupts:
                 s = state["step_in_epoch"]
-                idx = order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size]
-                x, y = (t.to(device) for t in _batch(train_set, idx))
+                x, y = (t.to(device) for t in next(train_batches))
                 views = make_views(x, cfg.image_size, model.num_views, hflip, min_crop)
                 with torch.autocast("cuda", torch.bfloat16, enabled=cfg.amp):
                     res = net(views, y)
@@ -292,12 +379,14 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> li
                 if on_step is not None:
                     on_step(state["global_step"], model)
             bar.close()
+            train_batches.close()  # (stops DataLoader workers)
             if interrupts:
                 state["sums"] = sums
                 save()
                 if rank == 0:
                     print(f"saved {ckpt_path} at epoch {epoch + 1}, step {state['step_in_epoch']}/{steps}; "
                           "continue with --resume")
+                history.interrupted = True
                 return history
             secs, done = time.perf_counter() - t0, state["step_in_epoch"] - start
             with warnings.catch_warnings():  # resumed right at an epoch end: no optimizer.step() yet here
@@ -308,15 +397,20 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> li
                        sec_per_step=secs / max(done, 1), img_per_sec=done * per_step / secs,
                        lr=opt.param_groups[-1]["lr"])
             if rank == 0:
-                row.update(evaluate(model, test_set, device))
+                row.update(evaluate(model, test_set, device, workers=workers[0]))
                 ib = f" / IB {row['acc_ib']:.3f}" if "acc_ib" in row else ""
                 print(f"[{cfg.method}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.3f}, train acc "
                       f"{row['train_acc']:.3f}, test acc main {row['acc_main']:.3f}{ib}, "
                       f"{row['sec_per_step']:.2f} s/step, {row['img_per_sec']:.1f} img/s", flush=True)
             history.append(row)
             state.update(epoch=epoch + 1, step_in_epoch=0)
-            save()
+            improved = rank == 0 and row["acc"] > best_acc
+            best_acc = max(best_acc, row.get("acc", best_acc))
+            save(best=improved)
+            if rank == 0:
+                tensorboard.log(row)
     finally:
+        tensorboard.close()
         if old_handler is not None:
             signal.signal(signal.SIGINT, old_handler)
     return history
