@@ -18,12 +18,12 @@ per method) under ``--out``. Why this configuration (<= 10 min on a 2-core CPU):
   schedule (the published cosine option trains the backbone at the full lr; at 0.05 that overshoots here).
 * backbone BN momentum 0.1 (with timm's 0.01 the running stats were still mostly ImageNet's after 15
   steps: test accuracy 0.15; 0.59 after re-estimating them on the training images).
-* one torch thread when the machine is busy (load >= cores): 2 threads per process were ~10x slower.
+* one torch thread when the machine is busy (load >= cores; ``runtime.default_threads``): 2 threads per
+  process were ~10x slower there.
 """
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import time
@@ -33,6 +33,7 @@ import torch
 
 from .. import _backends
 from .model import METHODS
+from .runtime import default_threads
 from .trainer import Config, run
 
 
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
     p.add_argument("--test-limit", type=int, default=400, help="test images evaluated per epoch (0: all 899)")
     p.add_argument("--shots-per-class", type=int, default=10)
     p.add_argument("--threads", type=int, default=0,
-                   help="torch threads (0: 1 if the machine is busy, else torch's default)")
+                   help="torch threads (0: 1 if the machine is busy, else the physical cores)")
     p.add_argument("--methods", default="vanilla,bituning,concept", help="comma-separated, from " + ",".join(METHODS))
     args = p.parse_args(argv)
     methods = args.methods.split(",")
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
         p.error(f"--methods: unknown {unknown}; choose from {', '.join(METHODS)}")
     if args.seeds < 1:
         p.error("--seeds must be >= 1")
-    threads = args.threads or (1 if os.getloadavg()[0] >= (os.cpu_count() or 1) else torch.get_num_threads())
+    threads = args.threads or default_threads()[0]
     torch.set_num_threads(threads)
     out = Path(args.out)
     if out.exists():  # replace only a previous demo's output: method folders and the plot

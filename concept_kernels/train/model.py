@@ -253,6 +253,15 @@ class ConceptTuner(nn.Module):
             h = self.features(backbone, crops).mean((2, 3))
         return _embed(h, head).view(P, B, -1).transpose(0, 1)
 
+    @classmethod
+    def from_checkpoint(cls, path, device: torch.device | str = "cpu") -> ConceptTuner:
+        """The model a ``python -m concept_kernels.train`` run saved (``<out>/checkpoint.pt`` or ``best.pt``):
+        rebuilt from the checkpoint's config, weights, key encoder and queues loaded, integrity checked; in
+        eval mode. ``train.eval.load_tuner(path)`` also returns the config."""
+        from .eval import load_tuner
+
+        return load_tuner(path, device)[0]
+
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """(B, 3, H, W) -> {"main": (B, Cls) logits, "ib": (B, Cls) logits (concept only)}, in the

@@ -68,6 +68,12 @@ def test_load_tuner_rebuilds_the_trained_model(trained):
         torch.testing.assert_close(state[k], saved[k], rtol=0, atol=0, msg=k)
     logits = model.predict(torch.randn(2, 3, cfg.image_size, cfg.image_size))
     assert set(logits) == {"main", "ib"} and logits["main"].shape == (2, 10)
+    from concept_kernels.train import ConceptTuner
+
+    again = ConceptTuner.from_checkpoint(f"{trained.out}/{CHECKPOINT}")
+    assert not again.training
+    for k, v in again.state_dict().items():
+        torch.testing.assert_close(v, saved[k], rtol=0, atol=0, msg=k)
 
 
 @pytest.mark.parametrize("which", ["best", "last"])
