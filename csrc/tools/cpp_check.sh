@@ -76,6 +76,9 @@ if [ ${#need[@]} -gt 0 ]; then
   else
     apt_install "${need[@]}"
     clang=$(find_clang)
+    if [ -z "$clang" ]; then
+      echo "cpp-check: FAIL apt-get installed 'clang' but no clang++ >= 14 is on PATH"; exit 1
+    fi
   fi
 fi
 
