@@ -5,6 +5,8 @@
 #   make ops-demo    the fused ops at realistic shapes   make bench  benchmarks -> bench/RESULTS.md
 #   make build       (re)build concept_kernels._C when csrc/ or setup.py changed
 #   make info        versions, built backends   make cuda-check  nvcc compile-check of csrc/**/*.cu
+#   make cpp-check   csrc/**/*.cpp with g++-12/-11, clang++ >= 14 (x86-64-v3/v4) and aarch64 g++
+#                    (installs missing compilers with apt-get; CI runs it)
 #   make clean       build outputs (keeps .venv) make distclean   also .venv
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -26,7 +28,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 # rebuild when the extension is missing (e.g. after `make clean`), unless it is deliberately off
 EXT_MISSING := $(if $(filter-out 0,$(CONCEPT_KERNELS_NO_EXT))$(wildcard concept_kernels/_C*.so),,FORCE)
 
-.PHONY: venv build test demo accuracy ops-demo bench info cuda-check clean distclean FORCE
+.PHONY: venv build test demo accuracy ops-demo bench info cuda-check cpp-check clean distclean FORCE
 .DEFAULT_GOAL := test
 
 # one pip command: torch is pinned next to timm, so pip keeps the CPU torch build
@@ -71,6 +73,9 @@ info: $(BUILD_STAMP)
 
 cuda-check: $(VENV_STAMP)
 	csrc/tools/cuda_check.sh $(PY)
+
+cpp-check: $(VENV_STAMP)
+	csrc/tools/cpp_check.sh $(PY)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .benchmarks .ruff_cache $(BUILD_STAMP)

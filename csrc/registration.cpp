@@ -8,6 +8,7 @@
 #include <Python.h>  // limited API only: setup.py builds with py_limited_api=True
 
 #include "common/cpu_features.h"
+#include "common/threads.h"
 
 #include <torch/library.h>
 
@@ -19,10 +20,21 @@
 
 namespace concept_kernels {
 
-// Threads an OpenMP parallel region of this extension would use. The extension links the same
-// libgomp.so.1 that torch ships (the soname is already loaded when _C is imported), so this follows
-// torch.set_num_threads(); returns 1 when built without OpenMP.
+// Threads an OpenMP parallel region of this extension uses in the calling thread: torch's count,
+// applied to the thread as every op does at entry (common/threads.h). The extension links the same
+// libgomp.so.1 that torch ships (the soname is already loaded when _C is imported). 1 without OpenMP.
 int64_t omp_max_threads() {
+#ifdef _OPENMP
+  return static_cast<int64_t>(use_torch_threads());
+#else
+  return 1;
+#endif
+}
+
+// Introspection for tests: the calling thread's OpenMP thread count as it is now (omp_get_max_threads,
+// NOT synced with torch): in a new Python thread the runtime's default until an op of this extension
+// (or a parallel torch op) ran there. 1 without OpenMP.
+int64_t omp_thread_icv() {
 #ifdef _OPENMP
   return static_cast<int64_t>(omp_get_max_threads());
 #else
@@ -59,6 +71,7 @@ bool wide_simd_now() { return wide_simd(); }
 TORCH_LIBRARY(concept_kernels, m) {
   // Build facts (no tensor arguments: one kernel for every dispatch key).
   m.def("omp_max_threads() -> int", &concept_kernels::omp_max_threads);
+  m.def("omp_thread_icv() -> int", &concept_kernels::omp_thread_icv);
   m.def("with_cuda() -> bool", &concept_kernels::with_cuda);
   m.def("simd_bits() -> int", &concept_kernels::simd_bits);
   m.def("wide_simd() -> bool", &concept_kernels::wide_simd_now);

@@ -18,6 +18,7 @@
 #include "channel_attention/channel_attention_tiles.h"
 
 #include "common/checks.h"
+#include "common/threads.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -31,10 +32,6 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
-
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 namespace concept_kernels {
 namespace {
@@ -51,7 +48,7 @@ struct Plan {
   int64_t items() const { return B * parts; }
 };
 
-Plan make_plan(int64_t B, int C, int N, int lanes) {
+Plan make_plan(int64_t B, int C, int N, int lanes, int64_t threads) {
   Plan p;
   p.B = B;
   p.C = C;
@@ -59,11 +56,6 @@ Plan make_plan(int64_t B, int C, int N, int lanes) {
   p.nb = (C + kTile - 1) / kTile;
   p.Cp = p.nb * kTile;
   p.Np = (N + lanes - 1) / lanes * lanes;
-#ifdef _OPENMP
-  const int64_t threads = omp_get_max_threads();
-#else
-  const int64_t threads = 1;
-#endif
   int64_t parts = 1;
   if (B % threads != 0 && B < 4 * threads) parts = (4 * threads + B - 1) / B;
   p.parts = static_cast<int>(std::min<int64_t>(parts, p.nb));
@@ -281,9 +273,17 @@ T gamma_value(const at::Tensor& gamma) {
   return gamma.reshape({}).to(c10::CppTypeToScalarType<T>::value).template item<T>();
 }
 
+// The plan for torch's thread count, which use_torch_threads() also gives this thread's OpenMP
+// regions (the parts, and so the rounding, depend on it).
 template <typename T>
 Plan plan_for(const at::Tensor& x3) {
-  return make_plan(x3.size(0), static_cast<int>(x3.size(1)), static_cast<int>(x3.size(2)), cam::Simd<T>::kLanes);
+#ifdef _OPENMP
+  const int64_t threads = use_torch_threads();
+#else
+  const int64_t threads = 1;
+#endif
+  return make_plan(x3.size(0), static_cast<int>(x3.size(1)), static_cast<int>(x3.size(2)), cam::Simd<T>::kLanes,
+                   threads);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_attention_symm_fwd_cpu(const at::Tensor& x3_in,

@@ -57,10 +57,14 @@ inline Vec broadcast(float x) {
   return Vec{} + x;
 #endif
 }
-// The first kH lanes of v (the low half of a zmm register: no instruction).
+// The first kH lanes of v (the low half of a zmm register: no instruction). GCC has
+// __builtin_shufflevector only from version 12; GCC 11 takes the cast intrinsic (also no
+// instruction, but in GCC 12 it changed the loop code of some tiles, so it is only the fallback).
 inline Half low_half(Vec v) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && __has_builtin(__builtin_shufflevector)
   return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+#elif defined(__AVX512F__)
+  return (Half)_mm512_castps512_ps256((__m512)v);
 #else
   return v;
 #endif

@@ -1,4 +1,5 @@
-// GCC vector-extension SIMD helpers for the host compiler (never nvcc), shared by every CPU kernel:
+// GCC vector-extension SIMD helpers for the host compiler (GCC >= 11 or clang >= 14, never nvcc),
+// shared by every CPU kernel:
 // Vec<T, N>::type / ::itype (N lanes of float or double and the same-width integers), splat,
 // bitwise select, horizontal min/max/sum, and exp/log on whole vectors (float lanes: the Cephes
 // polynomials of common/fast_math.h, bit-identical to the scalar forms; double lanes: libm).
@@ -14,6 +15,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 // Vectors wider than the baseline ISA are passed in memory between non-inlined functions; every
 // function here is inlined into the workers (flatten), so the ABI note does not apply.
@@ -46,14 +48,27 @@ inline V splat(T x) {
   return V{} + x;
 }
 
+#if !__has_builtin(__builtin_shuffle)
+// clang has no __builtin_shuffle (GCC's mask-vector form, in every GCC); its __builtin_shufflevector
+// takes one constant index per lane: Lane... are all 0 here.
+template <typename V, std::size_t... Lane>
+inline V shuffle_lane0(V v, std::index_sequence<Lane...>) {
+  return __builtin_shufflevector(v, v, (static_cast<void>(Lane), 0)...);
+}
+#endif
+
 // All lanes = x as one broadcast instruction (lane 0, then a shuffle with an all-zero mask). splat's
 // 0 + x cannot be folded (it turns -0 into +0) and costs an add per call; hot loops use this.
 template <typename V, typename T>
 inline V broadcast(T x) {
-  using VI = typename Vec<T, static_cast<int>(sizeof(V) / sizeof(T))>::itype;
+  constexpr int N = static_cast<int>(sizeof(V) / sizeof(T));
   V v{};
   v[0] = x;
-  return __builtin_shuffle(v, VI{});
+#if __has_builtin(__builtin_shuffle)
+  return __builtin_shuffle(v, typename Vec<T, N>::itype{});
+#else
+  return shuffle_lane0(v, std::make_index_sequence<N>{});
+#endif
 }
 
 // m ? a : b lane-wise with bitwise operations (GCC lowers the vector ?: of wider-than-hardware

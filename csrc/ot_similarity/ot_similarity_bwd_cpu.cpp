@@ -21,6 +21,7 @@
 #include "ot_similarity/ot_similarity_problem.h"
 
 #include "common/simd.h"
+#include "common/threads.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -269,6 +270,7 @@ void run_bwd(const BwdJob<T>& J, const ot::RowOrder& ro) {
 
 at::Tensor ot_similarity_bwd_cpu(const at::Tensor& grad_out_in, const at::Tensor& query, const at::Tensor& bank,
                                  const at::Tensor& index, const at::Tensor& aux_in, int64_t select) {
+  use_torch_threads();  // torch's thread count for this thread's OpenMP regions (common/threads.h)
   const ot_host::Shape sh =
       ot_host::check_bwd_inputs(grad_out_in, query, bank, index, aux_in, select, c10::DeviceType::CPU);
   const at::Tensor grad_out = grad_out_in.to(query.scalar_type()).contiguous();

@@ -22,6 +22,7 @@
 #include "common/checks.h"
 #include "common/cpu_features.h"
 #include "common/row_gemm.h"
+#include "common/threads.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -396,6 +397,7 @@ std::tuple<at::Tensor, at::Tensor> ot_similarity_fwd_cpu(const at::Tensor& query
                                                          const at::Tensor& index, const at::Tensor& choice,
                                                          int64_t select, int64_t k, double eps,
                                                          int64_t max_iter, double tol, int64_t stop) {
+  use_torch_threads();  // torch's thread count for this thread's OpenMP regions (common/threads.h)
   const ot_host::Shape sh = ot_host::check_fwd_inputs(query, bank, index, choice, select, k, eps, max_iter, tol,
                                                       stop, c10::DeviceType::CPU);
   at::Tensor out, aux;

@@ -63,6 +63,20 @@ def test_values_and_gradients_vs_float64_reference(monkeypatch, kernel, shape, d
     _check_vs_reference(shape, dtype, label=kernel)
 
 
+# Large maps: the sums over N = H * W run in chains of 64 positions added in double
+# (channel_attention_tiles.h kNChain); one chain of N products broke the 2x rule from N = 196 (20x
+# the float32 reference's error at N = 12,544). N = 3,136 = 49 whole chains, N = 10,000 ends with a
+# partial one; C = 40 has a padded tile.
+@pytest.mark.parametrize("shape", [
+    pytest.param((1, 64, 56, 56), id="B1-C64-N3136"),
+    pytest.param((1, 40, 100, 100), id="B1-C40-N10000"),
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_large_maps_keep_the_accuracy_rule(monkeypatch, shape, dtype):
+    monkeypatch.setenv(cpu_impl.ENV_VAR, "symm")
+    _check_vs_reference(shape, dtype, label="symm large N")
+
+
 def test_large_energies_stay_finite_and_accurate():
     # energies in the thousands: the online max must move without overflow (exp of S - m <= 0)
     _check_vs_reference((1, 96, 7, 7), torch.float64, scale=6.0)

@@ -64,6 +64,36 @@ def test_triton_asymmetric_blocks_and_tf32x3():
     assert_close(out.reshape_as(x), ref[0], name="triton tf32x3 out", dtype=torch.float32)
 
 
+@pytest.mark.parametrize("shape,block_d", [
+    pytest.param((2, 40, 7, 7), 16, id="N49-tiles-of-16"),  # 4 tiles, the last one 1 position
+    pytest.param((1, 20, 16, 2), 16, id="N32-tiles-of-16"),  # whole tiles only
+    pytest.param((1, 8, 20, 15), None, id="N300-default"),  # above MAX_BLOCK_D: 2 tiles of 256
+])
+def test_triton_tiles_positions(shape, block_d):
+    """N above one tile (MAX_BLOCK_D, or a forced small block_d): each program owns one tile of output
+    positions and sums S and dO x over every tile; float64 against the reference, lse too."""
+    from concept_kernels.ops.channel_attention import triton_impl
+    x, gamma, dout = _case(shape, torch.float64)
+    B, C, H, W = shape
+    x3, d3 = x.reshape(B, C, H * W), dout.reshape(B, C, H * W)
+    assert triton_impl._block_d(H * W, block_d)[1] > 1  # really tiled
+    out, att, lse = triton_impl.channel_attention_fwd_triton(x3, gamma, block_m=16, block_n=16, block_d=block_d)
+    dx, dgamma = triton_impl.channel_attention_bwd_triton(d3, x3, gamma, att, lse, block_m=16, block_n=16,
+                                                          block_d=block_d)
+    exact = _run(channel_attention_ref, x, gamma, dout)
+    assert_close(lse, torch.logsumexp(-(x3 @ x3.transpose(1, 2)), -1), name="tiled lse")
+    for name, a, e in zip(("out", "dx", "dgamma"), (out, dx, dgamma.reshape(1)), exact):
+        assert_close(a.reshape(e.shape), e, name=f"tiled triton {name}")
+
+
+def test_triton_block_d_must_be_a_power_of_two():
+    from concept_kernels.ops.channel_attention import triton_impl
+    x3, g = torch.rand(1, 4, 40), torch.zeros(1)
+    for bad in (8, 24, 0):
+        with pytest.raises(ValueError, match=f"block_d must be a power of two >= 16, got {bad}"):
+            triton_impl.channel_attention_fwd_triton(x3, g, block_d=bad)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     # small because every gradcheck probe is an interpreted launch under triton; fast_mode probes

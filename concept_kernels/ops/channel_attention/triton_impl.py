@@ -19,8 +19,12 @@ Backward: S is symmetric (S_ij = S_ji), so ONE kernel over key blocks j computes
 Per (i, j) tile it recomputes S once and both P_ij (with lse_i) and P_ji (with lse_j): 5 dots and no
 atomics, against 7 dots in the two-kernel FlashAttention-2 backward. dgamma = Σ_i Δ_i.
 
-Head dimension N is arbitrary (49, 196, 4, ...): the kernels pad it to BLOCK_D = next power of two
-(>= 16, tl.dot's minimum) with masked loads; zero columns add nothing to any dot product.
+Head dimension N is arbitrary (49, 196, 4, ..., 12544): the kernels pad it to BLOCK_D = next power of
+two (>= 16, tl.dot's minimum) with masked loads; zero columns add nothing to any dot product. Above
+MAX_BLOCK_D positions N is tiled: a third grid axis gives each program one tile of output positions,
+and every program sums S (and the backward's dO x products) over all N tiles (recomputed per output
+tile: (tiles + 1) / 2 times the forward's dot work, against a block size that grew with N and broke
+Triton's tensor limit from N > 32768).
 
 Accuracy: fp32 inputs use ``input_precision="ieee"`` by default ("tf32x3" selectable). Plain TF32 is
 refused: unscaled energies reach the hundreds and TF32 moves them by 0.1-1 (performance_notes §1.2).
@@ -41,6 +45,25 @@ PRECISIONS = ("ieee", "tf32x3")
 
 
 @triton.jit
+def _row_dots(A, B, base, offs_i, mask_i, offs_j, mask_j, stride_c, N,
+              BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+              PRECISION: tl.constexpr, LOWP_DOT: tl.constexpr, ACC: tl.constexpr):
+    """[i, j] = A_i . B_j over all N positions, BLOCK_D at a time (rows of two (C, N) slices at base)."""
+    out = tl.zeros([BLOCK_I, BLOCK_J], ACC)
+    for d0 in range(0, N, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        mask_d = offs_d < N
+        a = tl.load(A + base + offs_i[:, None] * stride_c + offs_d[None, :],
+                    mask=mask_i[:, None] & mask_d[None, :], other=0.0)
+        b = tl.load(B + base + offs_j[:, None] * stride_c + offs_d[None, :],
+                    mask=mask_j[:, None] & mask_d[None, :], other=0.0)
+        a = a if LOWP_DOT else a.to(ACC)
+        b = b if LOWP_DOT else b.to(ACC)
+        out += tl.dot(a, tl.trans(b), input_precision=PRECISION, out_dtype=ACC)
+    return out
+
+
+@triton.jit
 def _channel_attention_fwd_kernel(
     X,  # (B, C, N) input, last dim contiguous
     GAMMA,  # one-element tensor: the residual scale (read on device, no host sync)
@@ -53,15 +76,17 @@ def _channel_attention_fwd_kernel(
     stride_c,  # elements between channels (rows) in X / OUT / ATT
     BLOCK_M: tl.constexpr,  # query channels per program
     BLOCK_N: tl.constexpr,  # key channels per inner step
-    BLOCK_D: tl.constexpr,  # N padded to a power of two >= 16
+    BLOCK_D: tl.constexpr,  # positions per tile: N padded to a power of two >= 16, at most MAX_BLOCK_D
+    ONE_TILE: tl.constexpr,  # N <= BLOCK_D: rows stay in registers; else S sums over the N tiles
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
     LOWP_DOT: tl.constexpr,  # run dots in X's dtype (fp16/bf16 on a GPU); else in ACC dtype
     ACC: tl.constexpr,  # accumulation dtype (fp32, or fp64 for fp64 inputs)
 ):
     pid_m = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)  # this program's tile of output positions
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_m = offs_m < C
     mask_d = offs_d < N
     base = b * stride_b
@@ -78,7 +103,11 @@ def _channel_attention_fwd_kernel(
         xk = tl.load(X + base + offs_n[:, None] * stride_c + offs_d[None, :],
                      mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         k = xk if LOWP_DOT else xk.to(ACC)
-        s = -tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)  # S_ij = -x_i . x_j
+        if ONE_TILE:
+            s = -tl.dot(q, tl.trans(k), input_precision=PRECISION, out_dtype=ACC)  # S_ij = -x_i . x_j
+        else:  # every N tile (each program of the row block recomputes S for its output tile)
+            s = -_row_dots(X, X, base, offs_m, mask_m, offs_n, mask_n, stride_c, N,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, LOWP_DOT, ACC)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))  # finite: every key block has a valid column
         alpha = tl.exp(m_i - m_new)
@@ -95,7 +124,7 @@ def _channel_attention_fwd_kernel(
     mask = mask_m[:, None] & mask_d[None, :]
     tl.store(OUT + ptr_m, out.to(OUT.dtype.element_ty), mask=mask)
     tl.store(ATT + ptr_m, o.to(ATT.dtype.element_ty), mask=mask)
-    tl.store(LSE + b * C + offs_m, lse, mask=mask_m)
+    tl.store(LSE + b * C + offs_m, lse, mask=mask_m & (pid_d == 0))  # the same in every N tile
 
 
 @triton.jit
@@ -112,15 +141,17 @@ def _channel_attention_bwd_kernel(
     stride_c,  # elements between channels in X / DOUT / DX
     BLOCK_M: tl.constexpr,  # channels i per inner step
     BLOCK_N: tl.constexpr,  # channels j owned by this program
-    BLOCK_D: tl.constexpr,  # N padded to a power of two >= 16
+    BLOCK_D: tl.constexpr,  # positions per tile (as in the forward)
+    ONE_TILE: tl.constexpr,  # N <= BLOCK_D
     PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 operands
     LOWP_DOT: tl.constexpr,  # run dots in X's dtype
     ACC: tl.constexpr,  # accumulation dtype
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
+    pid_d = tl.program_id(2)  # this program's tile of output positions
     offs_j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_j = offs_j < C
     mask_d = offs_d < N
     base = b * stride_b
@@ -146,12 +177,20 @@ def _channel_attention_bwd_kernel(
         lse_i = tl.load(LSE + b * C + offs_i, mask=mask_i, other=float("inf"))
         delta_i = tl.load(DELTA + b * C + offs_i, mask=mask_i, other=0.0)
 
-        s = -tl.dot(xi, tl.trans(xj), input_precision=PRECISION, out_dtype=ACC)  # [i, j] = S_ij = S_ji
+        if ONE_TILE:
+            s = -tl.dot(xi, tl.trans(xj), input_precision=PRECISION, out_dtype=ACC)  # [i, j] = S_ij = S_ji
+            dp_ij = tl.dot(doi, tl.trans(xj), input_precision=PRECISION, out_dtype=ACC)  # dO_i . x_j
+            dp_ji = tl.dot(xi, tl.trans(doj), input_precision=PRECISION, out_dtype=ACC)  # dO_j . x_i
+        else:  # the same three products over every N tile
+            s = -_row_dots(X, X, base, offs_i, mask_i, offs_j, mask_j, stride_c, N,
+                           BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, LOWP_DOT, ACC)
+            dp_ij = _row_dots(DOUT, X, base, offs_i, mask_i, offs_j, mask_j, stride_c, N,
+                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, LOWP_DOT, ACC)
+            dp_ji = _row_dots(X, DOUT, base, offs_i, mask_i, offs_j, mask_j, stride_c, N,
+                              BLOCK_M, BLOCK_N, BLOCK_D, PRECISION, LOWP_DOT, ACC)
         p_ij = tl.exp(s - lse_i[:, None])  # query i attends key j (0 on padded i / j via lse = inf)
         p_ji = tl.exp(s - lse_j[None, :])  # query j attends key i, stored at [i, j]
         p_ji = tl.where(mask_i[:, None], p_ji, 0.0)
-        dp_ij = tl.dot(doi, tl.trans(xj), input_precision=PRECISION, out_dtype=ACC)  # dO_i . x_j
-        dp_ji = tl.dot(xi, tl.trans(doj), input_precision=PRECISION, out_dtype=ACC)  # dO_j . x_i
         ds = p_ij * (dp_ij - delta_i[:, None]) + p_ji * (dp_ji - delta_j[None, :])  # dS_ij + dS_ji
         if LOWP_DOT:
             acc += tl.dot(tl.trans(p_ij.to(xi_raw.dtype)), doi, input_precision=PRECISION, out_dtype=ACC)
@@ -175,8 +214,19 @@ def _acc_dtype(dtype: torch.dtype):
     return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
 
 
-def _block_d(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
+MAX_BLOCK_D = 256  # positions per tile (untuned): a (64, 256) fp32 accumulator is 128 registers a thread
+
+
+def _block_d(n: int, block_d: Optional[int]) -> Tuple[int, int]:
+    """(BLOCK_D, number of N tiles): N padded to a power of two >= 16 (tl.dot's minimum), at most
+    MAX_BLOCK_D, or ``block_d`` (a power of two >= 16; tests force small tiles)."""
+    if block_d is None:
+        bd = min(max(16, triton.next_power_of_2(n)), MAX_BLOCK_D)
+    elif isinstance(block_d, int) and block_d >= 16 and block_d & (block_d - 1) == 0:
+        bd = block_d
+    else:
+        raise ValueError(f"block_d must be a power of two >= 16, got {block_d!r}")
+    return bd, triton.cdiv(n, bd)
 
 
 def _blocks(C: int, block_d: int, block_m: Optional[int], block_n: Optional[int]) -> Tuple[int, int, int]:
@@ -204,7 +254,8 @@ def _check_precision(precision: str) -> None:
 
 
 def channel_attention_fwd_triton(x3: torch.Tensor, gamma: torch.Tensor, precision: str = "ieee", *,
-                                 block_m: Optional[int] = None, block_n: Optional[int] = None):
+                                 block_m: Optional[int] = None, block_n: Optional[int] = None,
+                                 block_d: Optional[int] = None):
     """x3 (B, C, N) -> (out (B, C, N) x.dtype, att (B, C, N) x.dtype, lse (B, C) fp32|fp64)."""
     _check_precision(precision)
     x3 = x3.contiguous()
@@ -215,13 +266,13 @@ def channel_attention_fwd_triton(x3: torch.Tensor, gamma: torch.Tensor, precisio
     lse = torch.empty(B, C, device=x3.device, dtype=acc_t)
     if B == 0:
         return out, att, lse
-    bd = _block_d(N)
+    bd, tiles = _block_d(N, block_d)
     bm, bn, warps = _blocks(C, bd, block_m, block_n)
     lowp, prec = _dot_mode(x3.dtype, precision)
-    grid = (triton.cdiv(C, bm), B)
+    grid = (triton.cdiv(C, bm), B, tiles)
     _channel_attention_fwd_kernel[grid](
         x3, gamma, out, att, lse, C, N, x3.stride(0), x3.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, LOWP_DOT=lowp, ACC=acc_tl,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=tiles == 1, PRECISION=prec, LOWP_DOT=lowp, ACC=acc_tl,
         num_warps=warps,
     )
     return out, att, lse
@@ -229,7 +280,8 @@ def channel_attention_fwd_triton(x3: torch.Tensor, gamma: torch.Tensor, precisio
 
 def channel_attention_bwd_triton(dout: torch.Tensor, x3: torch.Tensor, gamma: torch.Tensor, att: torch.Tensor,
                                  lse: torch.Tensor, precision: str = "ieee", *,
-                                 block_m: Optional[int] = None, block_n: Optional[int] = None):
+                                 block_m: Optional[int] = None, block_n: Optional[int] = None,
+                                 block_d: Optional[int] = None):
     """-> (dx (B, C, N) x.dtype, dgamma () in the accumulation dtype)."""
     _check_precision(precision)
     x3 = x3.contiguous()
@@ -241,13 +293,13 @@ def channel_attention_bwd_triton(dout: torch.Tensor, x3: torch.Tensor, gamma: to
     dx = torch.empty_like(x3)
     if B == 0:
         return dx, dgamma
-    bd = _block_d(N)
+    bd, tiles = _block_d(N, block_d)
     bm, bn, warps = _blocks(C, bd, block_m, block_n)
     lowp, prec = _dot_mode(x3.dtype, precision)
-    grid = (triton.cdiv(C, bn), B)
+    grid = (triton.cdiv(C, bn), B, tiles)
     _channel_attention_bwd_kernel[grid](
         x3, dout, gamma, lse.contiguous(), delta, dx, C, N, x3.stride(0), x3.stride(1),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PRECISION=prec, LOWP_DOT=lowp, ACC=acc_tl,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, ONE_TILE=tiles == 1, PRECISION=prec, LOWP_DOT=lowp, ACC=acc_tl,
         num_warps=warps,
     )
     return dx, dgamma
