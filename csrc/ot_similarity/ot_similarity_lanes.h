@@ -503,6 +503,8 @@ struct SinkhornLanes {
       k = 1;
       for (int l = 0; l < used; ++l) k = std::max(k, static_cast<int>(A.choice[probs[l]]) + 1);
     }
+    V nan_or_0{};  // NaN in the lanes whose plan is not finite (plan_finite of the per-problem form)
+    for (int e = 0; e < n; ++e) nan_or_0 += lp[e] - lp[e];
     VI rank[CAP * CAP];
     if (k < 3 || any(ranked_by_rows(lp, k, rank))) ranked(lp, k, rank);
     for (int l = 0; l < used; ++l) {
@@ -510,7 +512,7 @@ struct SinkhornLanes {
       const int r0 = sample ? static_cast<int>(A.choice[p]) : 0, r1 = sample ? r0 + 1 : k;
       for (int r = r0, o = 0; r < r1; ++r, ++o) {
         const int e = rank[r][l];
-        A.out[p * A.kk + o] = 1.0f - C[e][l];
+        A.out[p * A.kk + o] = (1.0f - C[e][l]) + nan_or_0[l];
         A.aux_idx[p * A.kk + o] = e;
       }
     }

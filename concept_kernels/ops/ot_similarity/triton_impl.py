@@ -37,7 +37,8 @@ zeroed, so no inf - inf NaN can arise; padded potentials are held at 0.
     never straddle two groups (the grid is (chunks of a group, groups)).
 * Selection: top-k of log pi_ij = (f_i + g_j - C_ij)/eps over the P*P flattened entries by k
   iterative arg-maxima, ties to the lowest flat index i*P + j; "sample" keeps the choice[b, m]-th,
-  "topk" all k (descending plan order), "cost" writes pi and 1 - sum_ij pi_ij C_ij.
+  "topk" all k (descending plan order), "cost" writes pi and 1 - sum_ij pi_ij C_ij. A problem
+  whose plan is not finite (NaN or inf in its query or bank patches) outputs NaN.
 * Backward: gather/accumulate, one program per (b, block of D) looping over m in ascending chunks
   of BLOCK_M problems (inside a chunk: picks s ascending, a fixed-shape tl.sum over the chunk's
   problems): a fixed summation order, deterministic, no atomics, in the input dtype.
@@ -219,6 +220,8 @@ if HAS_TRITON:
         else:
             flat = (ii * P)[None, :, None] + ii[None, None, :]  # [1, PP, PP] flat index i*P + j
             big = PP * PP + P * P
+            # NaN for a problem whose plan is not finite (a NaN or inf input): added to its outputs
+            nan_or_0 = tl.sum(tl.sum(tl.where(valid2, lp - lp, 0.0), axis=2), axis=1).to(s.dtype)
             lp = tl.where(valid2, lp, float("-inf"))
             if SELECT == 0:
                 ch = tl.load(choice_ptr + p, mask=pvalid, other=0)
@@ -232,8 +235,9 @@ if HAS_TRITON:
                 mx = tl.max(tl.max(lp, axis=2), axis=1)
                 hit = lp == mx[:, None, None]
                 idx = tl.min(tl.min(tl.where(hit, flat, big), axis=2), axis=1)  # lowest flat index
+                idx = tl.where(idx < big, idx, sidx)  # a NaN plan: entry sidx (valid, distinct)
                 sel = flat == idx[:, None, None]
-                val = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1)
+                val = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1) + nan_or_0
                 lp = tl.where(sel, float("-inf"), lp)
                 if SELECT == 1:
                     tl.store(out_ptr + p * K + sidx, val.to(out_ptr.dtype.element_ty), mask=pvalid)
