@@ -11,8 +11,8 @@
 //
 // Stopping rules: stop=problem runs each problem to its own stop. stop=row / all (one mean err per
 // group: the M problems of a row, or all B*M): float runs the lane solver in two passes (record
-// every problem's err per iteration, decide each group's iteration count, rerun to exactly that
-// count: ot_similarity_group_lanes.h). Double inputs run the group's problems in lockstep chunks
+// every problem's err per iteration, decide each group's iteration count, resume each lane group
+// to exactly that count: ot_similarity_group_lanes.h). Double inputs run the group's problems in lockstep chunks
 // of kChunk iterations from a saved (f, g) state, recording every problem's err per iteration; the
 // first iteration whose group mean is < tol ends the group, whose problems are then re-run from
 // the chunk's start for exactly that many iterations (deterministic: same code, same state).
@@ -210,8 +210,8 @@ const Workers<double>& workers_for(double, int P) {
 // stop = row / all, float: the lane solver in two passes (ot_similarity_group_lanes.h).
 using GroupSolveFn = void (*)(const FwdArgs<float>&, const RowOrder&, int64_t, bool, int);
 template <int NL, int FIXP>
-CK_CPU_WORKER void group_record(ot::GroupLanes<NL, FIXP>& gl, const FwdArgs<float>& C, int64_t item, int64_t t1) {
-  gl.record_item(C, item, t1);
+CK_CPU_WORKER void group_record(ot::GroupLanes<NL, FIXP>& gl, const FwdArgs<float>& C, int64_t item) {
+  gl.record_item(C, item);
 }
 template <int NL, int FIXP>
 CK_CPU_WORKER void group_finish(const ot::GroupLanes<NL, FIXP>& gl, int64_t s0, int64_t s1) {
@@ -400,11 +400,12 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, const std::vector<std::pa
   });
 }
 
-// Pass 1 records `horizon` iterations (a little more than the group rules need at the method's
-// settings, see ot_similarity_group_lanes.h); none for tol <= 0, where every group runs max_iter.
+// Pass 1 records kHorizon iterations and saves the states after kSaveAt (a little above and
+// below what the group rules need at the method's settings, see ot_similarity_group_lanes.h);
+// none for tol <= 0, where every group runs max_iter.
 template <int NL, int FIXP>
 void solve_group_lanes(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, bool fused, int stop) {
-  constexpr int64_t kHorizon = 32;
+  constexpr int64_t kHorizon = 32, kSaveAt = 20;
   const int64_t Q = A.B * A.M;
   std::vector<std::pair<int64_t, int64_t>> chunks, items;  // bank rows (fused); positions
   if (fused) {
@@ -413,18 +414,20 @@ void solve_group_lanes(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, b
   } else {
     items = blocks_of({{0, Q}});
   }
-  ot::GroupLanes<NL, FIXP> gl(A, ro.order.data(), stop, ot::lane_slots(items, NL));
-  gl.costs.reset(new typename ot::GroupLanes<NL, FIXP>::V[gl.n_slots() * gl.pp]);
-  const int64_t horizon = A.tol > 0 ? std::min<int64_t>({A.max_iter, kHorizon, gl.segment_cap()}) : 0;
-  gl.hist.reset(new float[horizon * Q]);
+  using GL = ot::GroupLanes<NL, FIXP>;
+  GL gl(A, ro.order.data(), stop, ot::lane_slots(items, NL));
+  gl.saved.reset(new typename GL::V[gl.n_slots() * gl.sv]);
+  gl.horizon = A.tol > 0 ? std::min<int64_t>({A.max_iter, kHorizon, gl.segment_cap()}) : 0;
+  gl.saved_at = std::min(gl.horizon, kSaveAt);
+  gl.hist.reset(new float[gl.horizon * Q]);
   if (fused) {
-    solve_fused(A, ro, chunks, [&](const FwdArgs<float>& C, int64_t c) { group_record(gl, C, c, horizon); });
+    solve_fused(A, ro, chunks, [&](const FwdArgs<float>& C, int64_t c) { group_record(gl, C, c); });
   } else {
-    parallel_items(static_cast<int64_t>(items.size()), [&](int64_t c) { group_record(gl, A, c, horizon); });
+    parallel_items(static_cast<int64_t>(items.size()), [&](int64_t c) { group_record(gl, A, c); });
   }
-  if (horizon > 0) {
-    gl.decide(0, horizon);
-    gl.extend(horizon, [](int64_t n, const auto& fn) { parallel_items(n, fn); });
+  if (gl.horizon > 0) {
+    gl.decide(0, gl.horizon);
+    gl.extend([](int64_t n, const auto& fn) { parallel_items(n, fn); });
   } else {
     std::fill(gl.T.begin(), gl.T.end(), A.max_iter);
   }

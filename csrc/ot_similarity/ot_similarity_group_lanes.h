@@ -4,29 +4,26 @@
 // < tol, or max_iter.
 //
 // The problems never interact: only T_g is shared, and a problem's err history depends on the
-// problem alone. So instead of stepping a group's problems in lockstep (their states would have to
-// live in memory between steps: ~800 bytes per problem), the driver runs each lane group (NL
+// problem alone. So instead of stepping a group's problems in lockstep (their states would go to
+// memory and back at every step: ~800 bytes per problem), the driver runs each lane group (NL
 // problems, one per SIMD lane, state in registers and L1) straight through, in two passes:
 //
-//   1. record: every problem runs `horizon` iterations (no lane stops) and writes its err of each
-//      iteration to hist[p * horizon + t]; its cost vectors are kept (costs, P*P floats per problem, so
-//      that pass 2 needs no second GEMM). Each group's mean err per iteration is then summed in p
-//      order (deterministic, independent of threads and lane grouping) and gives T_g. Groups whose
-//      T_g is beyond the horizon are recorded further (see extend) before pass 2.
-//   2. finish: every lane group restarts from its costs (f = g = 0) and runs exactly T_g
-//      iterations per lane (lanes of different rows stop at their own group's T_g), without err,
-//      then writes its outputs.
+//   1. record: every problem runs `horizon` iterations (32; no lane stops) and writes its err of
+//      each iteration to hist[p * horizon + t]; each lane group's whole state (costs, kernel,
+//      potentials) is saved after `saved_at` iterations (20) on the way. Each group's mean err per
+//      iteration is summed in p order (deterministic, independent of threads and lane grouping)
+//      and gives T_g; groups still running are recorded further (extend: segments doubling the
+//      iterations, from the saved states, into a second buffer) until decided.
+//   2. finish: every lane group resumes from its saved state (or restarts from its saved costs if
+//      one of its lanes' groups stopped before saved_at) and runs exactly T_g iterations per lane
+//      (lanes of different rows stop at their own group's T_g), without err; then its outputs.
 //
-// A lane's trajectory depends on its own problem only (the 8- and 16-lane groups agree bitwise)
-// and f_step's update is the same in every mode, so pass 2 reproduces pass 1's iterates exactly:
-// the result is that of running each group in lockstep to T_g. At the CPU benchmark shape
-// (31,680 problems, eps 0.01, tol 1e-3) every group stops after ~24 iterations, while a lane group
-// of stop="problem" waits ~38 iterations for its slowest lane: the two passes (horizon + T_g
-// iterations, all lanes busy) cost about what stop="problem" costs.
-//
-// extend: for groups still running at the horizon the problems are recorded further in segments
-// (doubling, bounded memory), from their saved lane states (allocated only then, each segment's end
-// state saved for the next one); pass 2 still restarts from the costs.
+// A lane's trajectory depends on its own problem only (the 8- and 16-lane groups agree bitwise),
+// f_step's update is the same in every mode and a restored state is bitwise the stored one, so
+// pass 2 reproduces pass 1's iterates exactly: the result is that of running each group in
+// lockstep to T_g. At the CPU benchmark shape (31,680 problems, eps 0.01, tol 1e-3) every group
+// stops after ~24 iterations: 32 recorded + ~4 resumed, all lanes busy, where a lane group of
+// stop="problem" waits ~38 iterations for its slowest lane.
 #pragma once
 
 #if defined(__CUDACC__)
@@ -84,16 +81,18 @@ struct GroupLanes {
   const int64_t* order;
   StopGroups groups;
   LaneSlots slots;
-  int64_t Q, pp;
+  int64_t Q, sv;  // problems; vectors of one saved lane state
+  int64_t horizon = 0;   // iterations recorded by pass 1
+  int64_t saved_at = 0;  // iterations of the saved states (<= horizon)
   // (uninitialised: every entry read is written first; zeroing them cost ~5% of the forward)
-  std::unique_ptr<V[]> costs;      // slot s: pp cost vectors at s * pp
+  std::unique_ptr<V[]> saved;      // slot s's state after saved_at iterations, at s * sv
+  std::unique_ptr<V[]> ext;        // slot s's state at the end of the last extension segment
   std::unique_ptr<float[]> hist;   // err of iteration t0 + 1 + i of problem p at p * (t1 - t0) + i
-  std::vector<int> T;           // iterations of each group, 0 while undecided
-  std::vector<S> states;        // saved lane state of each slot (extend only)
+  std::vector<int> T;              // iterations of each group, 0 while undecided
 
   GroupLanes(const FwdArgs<float>& A_, const int64_t* order_, int stop, LaneSlots ls)
       : A(A_), order(order_), groups(stop, A_.B, A_.M), slots(std::move(ls)), Q(A_.B * A_.M),
-        pp(static_cast<int64_t>(A_.P) * A_.P), T(groups.n_groups, 0) {}
+        sv(S::state_vectors(A_.P)), T(groups.n_groups, 0) {}
 
   int64_t n_slots() const { return static_cast<int64_t>(slots.pos.size()); }
   const int64_t* probs(int64_t s) const { return order + slots.pos[s]; }
@@ -105,22 +104,27 @@ struct GroupLanes {
   }
 
   // Run x[0 .. n) (n <= G) for iterations t0 + 1 .. t1, recording each used lane's err at
-  // hist[p * (t1 - t0) + t - t0]: a lane group's problems' records stay in L1 while it runs.
-  void record(S* x, const int64_t* slot, int n, int64_t t0, int64_t t1) {
+  // hist[p * (t1 - t0) + t - t0] (a lane group's problems' records stay in L1 while it runs), and
+  // storing the states to `to` after save_at iterations (when t0 <= save_at <= t1).
+  void record(S* x, const int64_t* slot, int n, int64_t t0, int64_t t1, int64_t save_at, V* to) {
     const int64_t H = t1 - t0;
     float* rec[G][NL];
     for (int h = 0; h < n; ++h)
       for (int l = 0; l < slots.used[slot[h]]; ++l) rec[h][l] = hist.get() + probs(slot[h])[l] * H;
-    for (int64_t t = 0; t < H; ++t)
+    for (int64_t t = 0; t <= H; ++t) {
+      if (t0 + t == save_at)
+        for (int h = 0; h < n; ++h) x[h].store_state(to + slot[h] * sv);
+      if (t == H) break;
       for (int h = 0; h < n; ++h) {
         const V err = x[h].iterate_err();
         for (int l = 0; l < slots.used[slot[h]]; ++l) rec[h][l][t] = err[l];
       }
+    }
   }
 
   // Pass 1 on the slots of work item `item`, whose costs A_item provides (a GEMM chunk or dot
-  // products): iterations 1 .. t1.
-  void record_item(const FwdArgs<float>& A_item, int64_t item, int64_t t1) {
+  // products): iterations 1 .. horizon, the states saved after saved_at.
+  void record_item(const FwdArgs<float>& A_item, int64_t item) {
     S x[G];
     int64_t slot[G];
     for (S& s : x) s.setup(A.P, A.eps);
@@ -129,9 +133,8 @@ struct GroupLanes {
       for (int h = 0; h < n; ++h) {
         slot[h] = s0 + h;
         x[h].load_costs(A_item, probs(slot[h]), slots.used[slot[h]]);
-        x[h].store_costs(costs.get() + slot[h] * pp);
       }
-      record(x, slot, n, 0, t1);
+      record(x, slot, n, 0, horizon, saved_at, saved.get());
     }
   }
 
@@ -157,73 +160,78 @@ struct GroupLanes {
     return false;
   }
 
-  // Record iterations t0 + 1 .. t1 of the slots todo[w0 .. w1): from the costs (the first
-  // extension: pass 1 kept no states), else from the saved states; saves the end states.
+  // Record iterations t0 + 1 .. t1 of the slots todo[w0 .. w1) from their states in src, saving
+  // the end states to ext.
   void extend_slots(const std::vector<int64_t>& todo, int64_t w0, int64_t w1, int64_t t0, int64_t t1,
-                    bool from_costs) {
+                    const V* src) {
     S x[G];
     int64_t slot[G];
     for (int64_t w = w0; w < w1; w += G) {
       const int n = static_cast<int>(std::min<int64_t>(G, w1 - w));
       for (int h = 0; h < n; ++h) {
         slot[h] = todo[w + h];
-        if (from_costs) {
-          x[h].setup(A.P, A.eps);
-          x[h].load_cost_vectors(costs.get() + slot[h] * pp, slots.used[slot[h]]);
-          for (int64_t t = 0; t < t0; ++t) x[h].iterate_no_err();
-        } else {
-          x[h] = states[slot[h]];
-        }
+        x[h].setup(A.P, A.eps);
+        x[h].load_state(src + slot[h] * sv);
       }
-      record(x, slot, n, t0, t1);
-      for (int h = 0; h < n; ++h) states[slot[h]] = x[h];
+      record(x, slot, n, t0, t1, t1, ext.get());
     }
   }
 
-  // Extend the undecided groups' records from `done` iterations until every group is decided, in
-  // segments that double the iterations done (at most segment_cap()). par(n, fn) runs fn(i) for
-  // i < n, in parallel.
+  // Extend the undecided groups' records beyond the horizon until every group is decided, in
+  // segments that double the iterations done (at most segment_cap() more): the first from the
+  // saved states (kept for pass 2; it records saved_at + 1 .. horizon again), then from each
+  // segment's end states. par(n, fn) runs fn(i) for i < n, in parallel.
   template <typename Par>
-  void extend(int64_t done, const Par& par) {
+  void extend(const Par& par) {
     constexpr int64_t kItem = 2 * G;  // slots per work item
-    bool from_costs = true;
+    int64_t done = saved_at, known = horizon;
     while (std::find(T.begin(), T.end(), 0) != T.end()) {
       std::vector<int64_t> todo;
       for (int64_t s = 0; s < n_slots(); ++s)
         if (slot_undecided(s)) todo.push_back(s);
-      if (states.empty()) states.resize(static_cast<size_t>(n_slots()));
-      const int64_t t1 = std::min<int64_t>({A.max_iter, 2 * std::max<int64_t>(done, 1), done + segment_cap()});
+      const bool first = !ext;
+      if (first) ext.reset(new V[n_slots() * sv]);
+      const int64_t t1 = std::min<int64_t>({A.max_iter, 2 * std::max<int64_t>(known, 1), done + segment_cap()});
       hist.reset(new float[static_cast<size_t>((t1 - done) * Q)]);
       const int64_t n_todo = static_cast<int64_t>(todo.size());
+      const V* src = first ? saved.get() : ext.get();
       par((n_todo + kItem - 1) / kItem, [&](int64_t i) {
-        extend_slots(todo, i * kItem, std::min(n_todo, (i + 1) * kItem), done, t1, from_costs);
+        extend_slots(todo, i * kItem, std::min(n_todo, (i + 1) * kItem), done, t1, src);
       });
       decide(done, t1);
-      done = t1;
-      from_costs = false;
+      done = known = t1;
     }
   }
 
-  // Pass 2 on slots [s0, s1): T_g iterations per lane from the costs, then the outputs.
+  // Pass 2 on slots [s0, s1): each lane to its group's T_g iterations, resuming from the saved
+  // states where every lane of the slot needs at least saved_at iterations (else from the costs,
+  // f = g = 0), without err; then the outputs.
   void finish(int64_t s0, int64_t s1) const {
     S x[G];
     VI limit[G];
+    int64_t start[G];
     for (int64_t w = s0; w < s1; w += G) {
       const int n = static_cast<int>(std::min<int64_t>(G, s1 - w));
-      int most = 0;
+      int64_t first = saved_at, most = 0;
       for (int h = 0; h < n; ++h) {
         const int64_t s = w + h;
-        x[h].setup(A.P, A.eps);
-        x[h].load_cost_vectors(costs.get() + s * pp, slots.used[s]);
         limit[h] = VI{};
+        bool resume = true;
         for (int l = 0; l < slots.used[s]; ++l) {
           limit[h][l] = T[groups.of(probs(s)[l])];
-          most = std::max(most, static_cast<int>(limit[h][l]));
+          most = std::max<int64_t>(most, limit[h][l]);
+          resume &= limit[h][l] >= saved_at;
         }
+        x[h].setup(A.P, A.eps);
+        x[h].load_state(saved.get() + s * sv);
+        if (!resume) x[h].reset(slots.used[s]);
+        start[h] = resume ? saved_at : 0;
+        first = std::min(first, start[h]);
       }
-      for (int it = 0; it < most; ++it)
+      for (int64_t it = first; it < most; ++it)
         for (int h = 0; h < n; ++h) {
-          x[h].live &= limit[h] > it;
+          if (it < start[h]) continue;
+          x[h].live &= limit[h] > static_cast<int>(it);
           if (S::any(x[h].live)) x[h].iterate_no_err();
         }
       for (int h = 0; h < n; ++h) x[h].write_outputs(A, probs(w + h), slots.used[w + h]);

@@ -148,11 +148,27 @@ struct SinkhornLanes {
     kvalid = VI{};
   }
 
-  // The P*P cost vectors to / from c (the group driver keeps them between its passes).
-  void store_costs(V* c) const { std::copy(C, C + np() * np(), c); }
-  void load_cost_vectors(const V* c, int used) {
-    std::copy(c, c + np() * np(), C);
-    reset(used);
+  // The solve's whole state (costs, kernel, potentials, masks: state_vectors(P) vectors) to / from
+  // d, for the group driver, which resumes lane groups later. Restoring gives bitwise the state
+  // that was stored (setup() first).
+  static int state_vectors(int p) { return 2 * p * p + 4 * p + 2; }
+  void store_state(V* d) const {
+    const int p = np(), pp = p * p;
+    std::copy(C, C + pp, d);
+    std::copy(K, K + pp, d + pp);
+    d += 2 * pp;
+    for (const V* x : {f0, g0, u, v}) d = std::copy(x, x + p, d);
+    d[0] = (V)kvalid;  // (bit casts: same-size vector types)
+    d[1] = (V)live;
+  }
+  void load_state(const V* d) {
+    const int p = np(), pp = p * p;
+    std::copy(d, d + pp, C);
+    std::copy(d + pp, d + 2 * pp, K);
+    d += 2 * pp;
+    for (V* x : {f0, g0, u, v}) std::copy(d, d + p, x), d += p;
+    kvalid = (VI)d[0];
+    live = (VI)d[1];
   }
 
   // f_i = eps (log a - LSE_j((g_j - C_ij)/eps)) for every lane, with max-subtraction. In the lanes
