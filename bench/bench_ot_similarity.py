@@ -24,6 +24,7 @@ to ``query``. extra_info carries the Sinkhorn iterations per problem (mean, max)
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import pathlib
 import sys
@@ -36,7 +37,7 @@ from shapes import OT_K, OT_SELECT, OT_SHAPES, OT_SINKHORN, rounds
 
 import concept_kernels as ck
 from concept_kernels.ops.ot_similarity import reference as ot_ref  # the module (the package re-exports the op's name)
-from concept_kernels.testing import ot_problem
+from concept_kernels.testing import logit_like_rows, ot_problem
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
 from oracle import sinkhorn_distance_published  # noqa: E402  (the published per-sample loop)
@@ -225,3 +226,82 @@ def test_ot_similarity_providers_agree_smoke(bench, provider):
         out, ref_out = out.sort(-1).values, ref_out.sort(-1).values
     torch.testing.assert_close(out, ref_out, atol=1e-9, rtol=1e-9, msg=lambda m: f"{provider} value: {m}")
     torch.testing.assert_close(grad, ref_grad, atol=1e-9, rtol=1e-9, msg=lambda m: f"{provider} grad: {m}")
+
+
+# ---- the stopping rules side by side (CPU target shape) -------------------------------------------
+# stop="problem" (each problem stops on its own) against the published group rules "row" and "all"
+# (one mean err per row / per call), fwd and fwd+bwd, in one table per mode: provider
+# "<backend>:<stop>". The group rules must cost about what stop="problem" costs (issue #13).
+
+_CPU_TARGET = next(s for s in OT_SHAPES if s.id == "cpu")
+_STOP_RULES_SHAPE = dataclasses.replace(_CPU_TARGET, id="cpu_stop_rules", stop="row")
+_STOPS = ("problem", "row", "all")
+
+
+@pytest.mark.parametrize("provider", ("cpu", "reference"))
+@pytest.mark.parametrize("stop", _STOPS)
+@pytest.mark.parametrize("mode", MODES)
+def test_ot_similarity_stop_rules(benchmark, bench, mode, stop, provider):
+    shape = _STOP_RULES_SHAPE
+    benchmark.group = bench.group(OP, mode, shape)
+    device = bench.device(OP, mode, shape, provider)
+    bench.require(OP, provider, mode, shape, device, benchmark)
+    query, bank, index = ot_problem(shape.B, shape.M, shape.bank_rows, shape.P, shape.D, seed=0, dtype=DTYPE)
+    kw = dict(select=OT_SELECT, k=OT_K, stop=stop, **OT_SINKHORN)
+    impl = _provider_fn(provider)
+    setup = None
+    if mode == "fwd":
+        def fn():
+            return impl(query, bank, index, **kw)
+    else:
+        query.requires_grad_(True)
+        w = torch.randn(shape.B, shape.M, OT_K, generator=torch.Generator().manual_seed(1))
+
+        def setup():
+            query.grad = None
+
+        def fn():
+            (impl(query, bank, index, **kw) * w).sum().backward()
+
+    iters = _iterations(dataclasses.replace(shape, id=f"{shape.id}_{stop}", stop=stop), query, bank, index)
+    bench.run(benchmark, fn, op=OP, provider=f"{provider}:{stop}", mode=mode, shape=shape, device=device,
+              dtype=DTYPE, rounds=rounds(shape), setup=setup, extra=dict(iters))
+
+
+# ---- concept_contrastive_loss: stop="problem" vs the published rule -------------------------------
+# The method's concept-level loss at the CPU target shape (B=8, K=40 queue entries of 100 classes, 99
+# confusing classes: 8 current-key, 320 positive and 31,680 negative Sinkhorn problems), forward +
+# backward to q_patches. stop="published" is the training default (s_cur one mean err for the B
+# problems, positives and negatives one per sample).
+
+def _contrastive_inputs(shape, device):
+    g = torch.Generator().manual_seed(0)
+    B, K, n_cls, P, D = shape.B, shape.K, shape.cls, shape.P, shape.D
+    q = logit_like_rows(B, P, classes=D, generator=g)
+    k = logit_like_rows(B, P, classes=D, generator=g)
+    queue_h = logit_like_rows(n_cls, K, P, classes=D, generator=g)
+    labels = torch.randint(n_cls, (B,), generator=g)
+    confusing = torch.stack([torch.randperm(n_cls - 1, generator=g)[: shape.n_conf] for _ in range(B)])
+    confusing = confusing + (confusing >= labels[:, None]).long()  # every class but the own one
+    return [t.to(device) for t in (q, k, queue_h, labels, confusing)]
+
+
+@pytest.mark.parametrize("provider", ("cpu", "reference"))
+@pytest.mark.parametrize("stop", ("problem", "published"))
+def test_concept_contrastive_loss_stop_rules(benchmark, bench, monkeypatch, stop, provider):
+    op, mode, shape = "concept_contrastive_loss", "fwd_bwd", _CPU_TARGET
+    benchmark.group = bench.group(op, mode, dataclasses.replace(shape, id="cpu_stop_rules"))
+    device = bench.device(OP, mode, shape, provider)
+    bench.require(OP, provider, mode, shape, device, benchmark)
+    monkeypatch.setenv("CONCEPT_KERNELS_BACKEND", provider)  # the loss's ot_similarity calls
+    q, k, queue_h, labels, confusing = _contrastive_inputs(shape, device)
+    q.requires_grad_(True)
+
+    def setup():
+        q.grad = None
+
+    def fn():
+        ck.concept_contrastive_loss(q, k, queue_h, labels, confusing, stop=stop, **OT_SINKHORN).backward()
+
+    bench.run(benchmark, fn, op=op, provider=f"{provider}:{stop}", mode=mode, shape=shape, device=device,
+              dtype=DTYPE, rounds=rounds(shape), setup=setup)

@@ -4,15 +4,19 @@
 //
 //   fwd(query, bank, index, choice, select, k, eps, max_iter, tol, stop) -> (out, aux)
 //
-// SIMD: float stop=problem (the hot path) runs one problem per SIMD lane (ot_similarity_lanes.h);
-// the other cases run one problem at a time over fixed-size lane arrays (ot_similarity_simd.h).
-// Both use GCC vector types, compiled for this machine's ISA (setup.py).
+// SIMD: float inputs run one problem per SIMD lane (ot_similarity_lanes.h); double inputs (and
+// CONCEPT_KERNELS_OT_SCALAR=1) run one problem at a time over fixed-size lane arrays
+// (ot_similarity_simd.h) or the scalar form. All use GCC vector types, compiled for this machine's
+// ISA (setup.py).
 //
 // Stopping rules: stop=problem runs each problem to its own stop. stop=row / all (one mean err per
-// group: the M problems of a row, or all B*M) run the group's problems in lockstep chunks of
-// kChunk iterations from a saved (f, g) state, recording every problem's err per iteration; the
+// group: the M problems of a row, or all B*M): float runs the lane solver in two passes (record
+// every problem's err per iteration, decide each group's iteration count, resume each lane group
+// to exactly that count: ot_similarity_group_lanes.h). Double inputs run the group's problems in lockstep chunks
+// of kChunk iterations from a saved (f, g) state, recording every problem's err per iteration; the
 // first iteration whose group mean is < tol ends the group, whose problems are then re-run from
 // the chunk's start for exactly that many iterations (deterministic: same code, same state).
+#include "ot_similarity/ot_similarity_group_lanes.h"
 #include "ot_similarity/ot_similarity_host.h"
 #include "ot_similarity/ot_similarity_lanes.h"
 #include "ot_similarity/ot_similarity_order.h"
@@ -204,6 +208,26 @@ const Workers<double>& workers_for(double, int P) {
   return P <= 8 ? workers_f64_l8 : workers_f64_l16;
 }
 
+// stop = row / all, float: the lane solver in two passes (ot_similarity_group_lanes.h).
+using GroupSolveFn = void (*)(const FwdArgs<float>&, const RowOrder&, int64_t, bool, int);
+template <int NL, int FIXP>
+CK_CPU_WORKER void group_record(ot::GroupLanes<NL, FIXP>& gl, const FwdArgs<float>& C, int64_t item) {
+  gl.record_item(C, item);
+}
+template <int NL, int FIXP>
+CK_CPU_WORKER void group_finish(const ot::GroupLanes<NL, FIXP>& gl, int64_t s0, int64_t s1) {
+  gl.finish(s0, s1);
+}
+template <int NL, int FIXP>
+void solve_group_lanes(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, bool fused, int stop);
+GroupSolveFn group_lanes_solver(int P) {
+  if (use_scalar_solver()) return nullptr;
+#if defined(__AVX512F__)
+  if (wide_simd()) return P == 9 ? &solve_group_lanes<16, 9> : &solve_group_lanes<16, 0>;
+#endif
+  return P == 9 ? &solve_group_lanes<8, 9> : &solve_group_lanes<8, 0>;
+}
+
 // Work items [n0, n1) of at most kBlock problems covering the given ranges.
 std::vector<std::pair<int64_t, int64_t>> blocks_of(const std::vector<std::pair<int64_t, int64_t>>& ranges) {
   std::vector<std::pair<int64_t, int64_t>> out;
@@ -212,11 +236,16 @@ std::vector<std::pair<int64_t, int64_t>> blocks_of(const std::vector<std::pair<i
   return out;
 }
 
+// fn(t) for t < n, in parallel (dynamic schedule: work items differ in cost)
+template <typename Fn>
+void parallel_items(int64_t n, const Fn& fn) {
+#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
+  for (int64_t t = 0; t < n; ++t) fn(t);
+}
+
 template <typename Fn>
 void parallel_blocks(const std::vector<std::pair<int64_t, int64_t>>& blocks, const Fn& fn) {
-  const int64_t n = static_cast<int64_t>(blocks.size());
-#pragma omp parallel for schedule(dynamic, 1) if (n > 1)
-  for (int64_t t = 0; t < n; ++t) fn(blocks[t].first, blocks[t].second);
+  parallel_items(static_cast<int64_t>(blocks.size()), [&](int64_t t) { fn(blocks[t].first, blocks[t].second); });
 }
 
 // stop = row / all: lockstep chunks with a group-mean stop (see the file comment).
@@ -302,8 +331,29 @@ int row_groups(const FwdArgs<float>& A, const RowOrder& ro, int64_t r, int64_t l
 // as fast per FLOP where 512-bit FMAs run at full width (Zen 5: dense 2.5 ms vs 3.7 ms for the 2/3
 // of the groups a random index needs, at the CPU benchmark shape). So the dense GEMM runs from 45%
 // of the groups there (wide_simd()), from 90% elsewhere (Zen 4, AVX2).
-void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes) {
-  constexpr int64_t kChunkProblems = 256, kMaxChunkFloats = 1 << 16;
+constexpr int64_t kMaxChunkFloats = 1 << 16;  // similarities of one chunk (cache-sized)
+
+int64_t fused_max_rows(const FwdArgs<float>& A) {
+  return std::max<int64_t>(1, kMaxChunkFloats / (A.P * row_gemm::padded(A.B * A.P)));
+}
+
+// The work items of solve_fused: bank rows [r0, r1), about kChunkProblems problems each.
+std::vector<std::pair<int64_t, int64_t>> fused_chunks(const FwdArgs<float>& A, const RowOrder& ro, int64_t R) {
+  constexpr int64_t kChunkProblems = 256;
+  const int64_t max_rows = fused_max_rows(A);
+  std::vector<std::pair<int64_t, int64_t>> chunks;
+  for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
+    r1 = r0 + 1;
+    while (r1 < R && r1 - r0 < max_rows && ro.start[r1] - ro.start[r0] < kChunkProblems) ++r1;
+    if (ro.start[r1] > ro.start[r0]) chunks.emplace_back(r0, r1);
+  }
+  return chunks;
+}
+
+// work(C, c): chunk c's problems order[ro.start[r0] .. ro.start[r1]), with C.sim their similarities.
+template <typename Work>
+void solve_fused(FwdArgs<float> A, const RowOrder& ro, const std::vector<std::pair<int64_t, int64_t>>& chunks,
+                 const Work& work) {
   const int64_t dense_from = wide_simd() ? 45 : 90;  // percent of a chunk's groups
   const int64_t P = A.P, D = A.D, BP = A.B * P, ldb = row_gemm::padded(BP);
   A.sim_own = P / row_gemm::kH * row_gemm::kH;
@@ -312,13 +362,7 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes)
   for (int64_t c = 0; c < BP; ++c) column[c] = ot::sim_column(A, c / P, static_cast<int>(c % P));
   std::vector<float> qt(D * ldb);
   row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data(), column.data());
-  const int64_t max_rows = std::max<int64_t>(1, kMaxChunkFloats / (P * ldb));
-  std::vector<std::pair<int64_t, int64_t>> chunks;  // bank rows [r0, r1)
-  for (int64_t r0 = 0, r1; r0 < R; r0 = r1) {
-    r1 = r0 + 1;
-    while (r1 < R && r1 - r0 < max_rows && ro.start[r1] - ro.start[r0] < kChunkProblems) ++r1;
-    if (ro.start[r1] > ro.start[r0]) chunks.emplace_back(r0, r1);
-  }
+  const int64_t max_rows = fused_max_rows(A);
   // one similarity buffer (and group list) per thread for all its chunks (allocating per chunk
   // page-faulted each time once the allocator returned the memory: +25% forward time)
 #ifdef _OPENMP
@@ -330,7 +374,8 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes)
   std::vector<float> scratch(threads * chunk_floats);
   std::vector<int32_t> group_lists(threads * max_rows * row_groups_max);
   std::vector<int> group_counts(threads * max_rows);
-  parallel_blocks(chunks, [&](int64_t r0, int64_t r1) {
+  parallel_items(static_cast<int64_t>(chunks.size()), [&](int64_t chunk) {
+    const auto [r0, r1] = chunks[chunk];
 #ifdef _OPENMP
     const int64_t thread = omp_get_thread_num();
 #else
@@ -352,8 +397,42 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, int64_t R, SolveFn lanes)
     FwdArgs<float> C = A;
     C.sim = sim;
     C.sim_r0 = r0;
-    lanes(C, ro.order.data(), ro.start[r0], ro.start[r1]);
+    work(C, chunk);
   });
+}
+
+// Pass 1 records kHorizon iterations and saves the states after kSaveAt (a little above and
+// below what the group rules need at the method's settings, see ot_similarity_group_lanes.h);
+// none for tol <= 0, where every group runs max_iter.
+template <int NL, int FIXP>
+void solve_group_lanes(const FwdArgs<float>& A, const RowOrder& ro, int64_t R, bool fused, int stop) {
+  constexpr int64_t kHorizon = 32, kSaveAt = 20;
+  const int64_t Q = A.B * A.M;
+  std::vector<std::pair<int64_t, int64_t>> chunks, items;  // bank rows (fused); positions
+  if (fused) {
+    chunks = fused_chunks(A, ro, R);
+    for (auto [r0, r1] : chunks) items.emplace_back(ro.start[r0], ro.start[r1]);
+  } else {
+    items = blocks_of({{0, Q}});
+  }
+  using GL = ot::GroupLanes<NL, FIXP>;
+  GL gl(A, ro.order.data(), stop, ot::lane_slots(items, NL));
+  gl.saved.reset(new typename GL::V[gl.n_slots() * gl.sv]);
+  gl.horizon = A.tol > 0 ? std::min<int64_t>({A.max_iter, kHorizon, gl.segment_cap()}) : 0;
+  gl.saved_at = std::min(gl.horizon, kSaveAt);
+  gl.hist.reset(new float[gl.horizon * Q]);
+  if (fused) {
+    solve_fused(A, ro, chunks, [&](const FwdArgs<float>& C, int64_t c) { group_record(gl, C, c); });
+  } else {
+    parallel_items(static_cast<int64_t>(items.size()), [&](int64_t c) { group_record(gl, A, c); });
+  }
+  if (gl.horizon > 0) {
+    gl.decide(0, gl.horizon);
+    gl.extend([](int64_t n, const auto& fn) { parallel_items(n, fn); });
+  } else {
+    std::fill(gl.T.begin(), gl.T.end(), A.max_iter);
+  }
+  parallel_blocks(blocks_of({{0, gl.n_slots()}}), [&](int64_t s0, int64_t s1) { group_finish(gl, s0, s1); });
 }
 
 // The forward of every problem. Costs: when a GEMM of every bank patch with every query patch is
@@ -371,13 +450,21 @@ void run_fwd(FwdArgs<T> A, const at::Tensor& query, const at::Tensor& bank, int 
   const RowOrder ro = problem_order(A.index, Q, R);
   if constexpr (std::is_same_v<T, float>) {
     const SolveFn lanes = lanes_solver(T(), A.P);
+    // (the lanes gather a chunk's similarities with int32 offsets, below max(2^16, P * B*P))
+    const bool int32_ok = A.P * row_gemm::padded(A.B * A.P) < (int64_t(1) << 30);
+    const bool fused = dense && !ro.start.empty() && int32_ok;
     if (stop == ot::kStopProblem && lanes != nullptr) {
-      // (the lanes gather a chunk's similarities with int32 offsets, below max(2^16, P * B*P))
-      const bool int32_ok = A.P * row_gemm::padded(A.B * A.P) < (int64_t(1) << 30);
-      if (dense && !ro.start.empty() && int32_ok) return solve_fused(A, ro, R, lanes);
+      if (fused) {
+        const auto chunks = fused_chunks(A, ro, R);
+        return solve_fused(A, ro, chunks, [&](const FwdArgs<float>& C, int64_t c) {
+          lanes(C, ro.order.data(), ro.start[chunks[c].first], ro.start[chunks[c].second]);
+        });
+      }
       parallel_blocks(blocks_of({{0, Q}}), [&](int64_t a, int64_t b) { lanes(A, ro.order.data(), a, b); });
       return;
     }
+    const GroupSolveFn groups = group_lanes_solver(A.P);
+    if (groups != nullptr) return groups(A, ro, R, fused, stop);
   }
   at::Tensor sim;
   if (dense && R * A.P * A.B * A.P <= kMaxSimElements) {

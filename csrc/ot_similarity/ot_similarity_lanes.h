@@ -10,7 +10,8 @@
 // per-problem forms agree to rounding (sums in two chains here, exps reused at the log-domain
 // steps); the 8- and 16-lane groups give bitwise the same results (tested).
 //
-// Used by the CPU launcher for float inputs with stop="problem" (its hot path); row/all lockstep and
+// Used by the CPU launcher for float inputs: stop="problem" (its hot path) and the group rules
+// stop="row" / "all" (ot_similarity_group_lanes.h, which reads each lane's err per iteration);
 // double inputs keep the per-problem forms.
 #pragma once
 
@@ -137,9 +138,37 @@ struct SinkhornLanes {
         for (int e = 0; e < p * p; ++e) C[e][l] = c[e];
       }
     }
+    reset(used);
+  }
+
+  // The start of a solve (f = g = 0) with lanes [0, used) live.
+  void reset(int used) {
     for (int l = 0; l < NL; ++l) live[l] = l < used ? -1 : 0;
     for (int i = 0; i < np(); ++i) f0[i] = g0[i] = V{}, u[i] = v[i] = V{} + 1.0f;
     kvalid = VI{};
+  }
+
+  // The solve's whole state (costs, kernel, potentials, masks: state_vectors(P) vectors) to / from
+  // d, for the group driver, which resumes lane groups later. Restoring gives bitwise the state
+  // that was stored (setup() first).
+  static int state_vectors(int p) { return 2 * p * p + 4 * p + 2; }
+  void store_state(V* d) const {
+    const int p = np(), pp = p * p;
+    std::copy(C, C + pp, d);
+    std::copy(K, K + pp, d + pp);
+    d += 2 * pp;
+    for (const V* x : {f0, g0, u, v}) d = std::copy(x, x + p, d);
+    d[0] = (V)kvalid;  // (bit casts: same-size vector types)
+    d[1] = (V)live;
+  }
+  void load_state(const V* d) {
+    const int p = np(), pp = p * p;
+    std::copy(d, d + pp, C);
+    std::copy(d + pp, d + 2 * pp, K);
+    d += 2 * pp;
+    for (V* x : {f0, g0, u, v}) std::copy(d, d + p, x), d += p;
+    kvalid = (VI)d[0];
+    live = (VI)d[1];
   }
 
   // f_i = eps (log a - LSE_j((g_j - C_ij)/eps)) for every lane, with max-subtraction. In the lanes
@@ -181,14 +210,23 @@ struct SinkhornLanes {
     kvalid |= m;
   }
 
-  // The f half step of the live lanes; returns the lanes that stop (err < tol).
+  // What f_step computes besides the update (the update itself is the same in every mode):
+  // kStopTol: the lanes that stop (err < tol, stop="problem"); kErr: every live lane's err (the
+  // group rules, which sum err over a group); kNoErr: nothing (a known number of iterations).
+  enum Mode { kStopTol, kErr, kNoErr };
+
+  // The f half step of the live lanes; returns the lanes that stop (kStopTol, else none).
   //
-  // err = eps sum_i |log r_i| with r_i = u_i'/u_i = a/(s_i u_i), the change of f_i over eps. The
-  // exact err needs P logs per iteration; the bracket 1 - min(r, 1/r) <= |log r| <= max(r, 1/r) - 1
-  // needs none and decides almost every lane (the err of a running problem is far above tol, of a
-  // converged one far below), so logs are taken only for the lanes the bracket leaves open (within
-  // the rounding margin of the sums). The decision is the exact err's, not an approximation.
-  VI f_step(float tol) {
+  // err = eps sum_i |log r_i| with r_i = u_i'/u_i = a/(s_i u_i), the change of f_i over eps.
+  // kStopTol: the exact err needs P logs per iteration; the bracket 1 - min(r, 1/r) <= |log r| <=
+  // max(r, 1/r) - 1 needs none and decides almost every lane (the err of a running problem is far
+  // above tol, of a converged one far below), so logs are taken only for the lanes the bracket
+  // leaves open (within the rounding margin of the sums). The decision is the exact err's, not an
+  // approximation. kErr: err = eps log prod_i max(r_i, 1/r_i) (= eps sum_i |log r_i|: one log per
+  // lane instead of P; the product's rounding, ~P ulp, moves err by ~eps P 6e-8, the size of the
+  // rounding of the P logs' sum), or the P logs in the lanes where the product leaves [1, 1e30].
+  template <Mode MODE = kStopTol>
+  VI f_step(float tol, V* err_out = nullptr) {
     const int p = np();
     V s[CAP];
     Range range;
@@ -205,26 +243,43 @@ struct SinkhornLanes {
     // multiplicative where the kernel is valid and the sums are safe, kept as scalings while they
     // stay within [1/tau, tau], else absorbed into f0
     const VI mult = safe, keep = small & safe, absorb = mult & ~keep;
-    V r[CAP], un[CAP], sum_min{}, sum_max{};
+    V r[CAP], un[CAP], sum_min{}, sum_max{}, prod = V{} + 1.0f;
     const V fp = V{} + static_cast<float>(p);
     for (int i = 0; i < p; ++i) {
       const V q = s[i] * u[i];
       r[i] = a / q;
       un[i] = r[i] * u[i];  // = a / s_i (one division per entry instead of two)
       const V r_inv = q * fp;
-      sum_min += vmin(r[i], r_inv);
-      sum_max += vmax(r[i], r_inv);
+      if constexpr (MODE == kStopTol) {
+        sum_min += vmin(r[i], r_inv);
+        sum_max += vmax(r[i], r_inv);
+      }
+      if constexpr (MODE == kErr) prod *= vmax(r[i], r_inv);
     }
-    const V margin = V{} + eps * static_cast<float>(p) * 4e-7f, tolv = V{} + tol;
-    const V err_lo = eps * (fp - sum_min), err_hi = eps * (sum_max - fp);
-    VI stop = err_hi + margin < tolv;
-    const VI open = mult & ~stop & ~(err_lo - margin >= tolv);
-    if (any(open)) {
-      V err{};
-      for (int i = 0; i < p; ++i) err += vabs(lg(r[i]));
-      stop = sel<VI, VI>(open, eps * err < tolv, stop);
+    const V tolv = V{} + tol;
+    VI stop{};
+    if constexpr (MODE == kStopTol) {
+      const V margin = V{} + eps * static_cast<float>(p) * 4e-7f;
+      const V err_lo = eps * (fp - sum_min), err_hi = eps * (sum_max - fp);
+      stop = err_hi + margin < tolv;
+      const VI open = mult & ~stop & ~(err_lo - margin >= tolv);
+      if (any(open)) {
+        V err{};
+        for (int i = 0; i < p; ++i) err += vabs(lg(r[i]));
+        stop = sel<VI, VI>(open, eps * err < tolv, stop);
+      }
+      stop &= mult;
     }
-    stop &= mult;
+    if constexpr (MODE == kErr) {
+      V err = eps * lg(prod);
+      const VI wide = mult & ~(prod <= 1e30f);  // (NaN too: its logs give NaN again)
+      if (any(wide)) {
+        V sum{};
+        for (int i = 0; i < p; ++i) sum += vabs(lg(r[i]));
+        err = blend(wide, eps * sum, err);
+      }
+      *err_out = err;
+    }
     const bool any_absorb = any(absorb);
     for (int i = 0; i < p; ++i) {
       u[i] = blend(keep, un[i], u[i]);
@@ -235,7 +290,11 @@ struct SinkhornLanes {
     }
     kvalid &= ~absorb;
     const VI logm = live & ~mult;
-    if (any(logm)) stop = sel<VI, VI>(logm, f_step_log(logm) < tolv, stop);
+    if (any(logm)) {
+      const V err = f_step_log(logm);
+      if constexpr (MODE == kStopTol) stop = sel<VI, VI>(logm, err < tolv, stop);
+      if constexpr (MODE == kErr) *err_out = blend(logm, err, *err_out);
+    }
     return stop;
   }
 
@@ -311,6 +370,17 @@ struct SinkhornLanes {
     live &= ~stop;
   }
   bool running() const { return any(live); }
+  // One iteration of the live lanes for the group rules: each lane's err (kErr), or none.
+  V iterate_err() {
+    V err;
+    f_step<kErr>(0.0f, &err);
+    g_step();
+    return err;
+  }
+  void iterate_no_err() {
+    f_step<kNoErr>(0.0f);
+    g_step();
+  }
 
   // Iterate G groups to their lanes' own stops or max_iter. Stepping them in turn lets the
   // out-of-order core overlap their dependency chains (a half step waits for the previous one).
@@ -449,6 +519,8 @@ struct SinkhornLanes {
       k = 1;
       for (int l = 0; l < used; ++l) k = std::max(k, static_cast<int>(A.choice[probs[l]]) + 1);
     }
+    V nan_or_0{};  // NaN in the lanes whose plan is not finite (plan_finite of the per-problem form)
+    for (int e = 0; e < n; ++e) nan_or_0 += lp[e] - lp[e];
     VI rank[CAP * CAP];
     if (k < 3 || any(ranked_by_rows(lp, k, rank))) ranked(lp, k, rank);
     for (int l = 0; l < used; ++l) {
@@ -456,7 +528,7 @@ struct SinkhornLanes {
       const int r0 = sample ? static_cast<int>(A.choice[p]) : 0, r1 = sample ? r0 + 1 : k;
       for (int r = r0, o = 0; r < r1; ++r, ++o) {
         const int e = rank[r][l];
-        A.out[p * A.kk + o] = 1.0f - C[e][l];
+        A.out[p * A.kk + o] = (1.0f - C[e][l]) + nan_or_0[l];
         A.aux_idx[p * A.kk + o] = e;
       }
     }

@@ -403,6 +403,17 @@ CK_INLINE void select_topk_insert(const T* lp, int n, int k, T* buf_v, int* buf_
 }
 #endif
 
+// Whether every entry of the log plan lp[0..n) is finite. It is for finite inputs (finite costs
+// and potentials); a NaN or inf in a query patch or a bank entry leaves NaN or inf in it, and the
+// selected similarities are then NaN (select="cost" gets NaN from the plan itself): a ranking of
+// a NaN plan would otherwise pick some entry and return a finite, meaningless value.
+template <typename T>
+CK_HOST_DEVICE CK_INLINE bool plan_finite(const T* lp, int n) {
+  bool ok = true;
+  for (int e = 0; e < n; ++e) ok &= (lp[e] - lp[e]) == T(0);  // NaN for NaN and +-inf
+  return ok;
+}
+
 // Outputs of problem p from a solved state (folds it). Solver: Sinkhorn (scalar) or SinkhornSimd;
 // lp: scratch of MAXP * MAXP.
 template <int MAXP, typename T, typename Solver>
@@ -423,6 +434,8 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
     return;
   }
   int64_t* aux = A.aux_idx + p * A.kk;
+  s.log_plan(lp);
+  const T nan_or_0 = plan_finite(lp, n) ? T(0) : T(NAN);  // added to every output
 #if !defined(__CUDA_ARCH__)
   if constexpr (requires(int* ip) { s.select_topk(1, ip); }) {  // SIMD solver (host)
     int idx[MAXP * MAXP];
@@ -430,16 +443,15 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
     const int c = sample ? static_cast<int>(A.choice[p]) : 0;
     s.select_topk(sample ? c + 1 : A.k, idx);
     for (int r = sample ? c : 0, o = 0; r < (sample ? c + 1 : A.k); ++r, ++o) {
-      out[o] = T(1) - s.cost_at(idx[r]);
+      out[o] = (T(1) - s.cost_at(idx[r])) + nan_or_0;
       aux[o] = idx[r];
     }
     return;
   }
 #endif
-  s.log_plan(lp);
   if (A.select == kSelectSample) {
     const int e = select_rank(lp, n, static_cast<int>(A.choice[p]));
-    out[0] = T(1) - s.cost_at(e);
+    out[0] = (T(1) - s.cost_at(e)) + nan_or_0;
     aux[0] = e;
     return;
   }
@@ -448,7 +460,7 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
   T prev_v = 0;
   for (int r = 0; r < A.k; ++r) {  // one scan per rank, continuing after the previous entry
     const int e = next_ranked(lp, n, prev_i, prev_v);
-    out[r] = T(1) - s.cost_at(e);
+    out[r] = (T(1) - s.cost_at(e)) + nan_or_0;
     aux[r] = e;
   }
 #else
@@ -456,7 +468,7 @@ CK_HOST_DEVICE void write_outputs(const FwdArgs<T>& A, int64_t p, Solver& s, T* 
   int buf_i[MAXP * MAXP];
   select_topk_insert(lp, n, A.k, buf_v, buf_i);
   for (int r = 0; r < A.k; ++r) {
-    out[r] = T(1) - s.cost_at(buf_i[r]);
+    out[r] = (T(1) - s.cost_at(buf_i[r])) + nan_or_0;
     aux[r] = buf_i[r];
   }
 #endif

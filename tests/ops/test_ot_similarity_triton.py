@@ -139,10 +139,42 @@ def test_group_iteration_counts_match_reference(monkeypatch, per_launch):
         groups = stop_groups(B, M, stop, q.device)
         _, _, iters = sinkhorn_log(cost, eps=0.01, max_iter=40, tol=1e-2, groups=groups)
         blocks = T._blocks(P, D, L)
-        n = T._group_iterations(q, b, i, 0.01, 40, 1e-2, G, L, blocks)
-        expect = iters.reshape(G, L)[:, 0].to(torch.int32)
+        n, start, f, g = T._group_iterations(q, b, i, 0.01, 40, 1e-2, G, L, blocks)
+        expect = iters.reshape(G, L)[:, 0]
         assert (expect < 40).all()
         assert torch.equal(n, expect), (stop, n, expect)
+        # pass 2 resumes from the start of the launch that decided each group: the state after
+        # that many iterations (the reference run with tol=0 and max_iter=start)
+        assert torch.equal(start, (n - 1) // per_launch * per_launch)
+        for grp in range(G):
+            rows = slice(grp * L, (grp + 1) * L)
+            f_ref, g_ref, _ = sinkhorn_log(cost[rows], eps=0.01, max_iter=max(int(start[grp]), 1), tol=0.0)
+            if int(start[grp]) == 0:
+                f_ref, g_ref = torch.zeros_like(f_ref), torch.zeros_like(g_ref)
+            torch.testing.assert_close(f[rows], f_ref, atol=1e-5, rtol=0)
+            torch.testing.assert_close(g[rows], g_ref, atol=1e-5, rtol=0)
+
+
+def test_group_rules_with_a_huge_max_iter_use_bounded_memory():
+    """Pass 1 keeps no (groups x max_iter) table: max_iter = 2**40 (a table of 3 TB) runs, stops
+    launching once every group is decided, and gives the result of a modest max_iter."""
+    q, b, i = ot_problem(3, 5, 8, patches=9, dim=16, seed=4)
+    for stop in ("row", "all"):
+        huge, aux_h = _fwd(q, b, i, select="topk", k=4, eps=0.01, max_iter=2**40, tol=1e-2, stop=stop)
+        small, aux_s = _fwd(q, b, i, select="topk", k=4, eps=0.01, max_iter=60, tol=1e-2, stop=stop)
+        assert torch.equal(aux_h, aux_s) and torch.equal(huge, small)
+
+
+def test_group_rules_hitting_max_iter_finish_from_the_last_state(monkeypatch):
+    """tol not reached within max_iter: every group runs exactly max_iter iterations (not a
+    multiple of the launch length), as stop="problem" with tol=0 does."""
+    monkeypatch.setattr(T, "_ERR_ITERS_PER_LAUNCH", 4)
+    q, b, i = ot_problem(2, 6, 8, patches=9, dim=16, seed=6)
+    fixed, aux_f = _fwd(q, b, i, select="cost", k=1, eps=0.01, max_iter=11, tol=0.0, stop="problem")
+    for stop in ("row", "all"):
+        got, aux_g = _fwd(q, b, i, select="cost", k=1, eps=0.01, max_iter=11, tol=1e-9, stop=stop)
+        torch.testing.assert_close(got, fixed, atol=1e-6, rtol=0)
+        torch.testing.assert_close(aux_g, aux_f, atol=1e-6, rtol=0)
 
 
 def _grad_with_aux(q, b, i, aux, grad_out, select):

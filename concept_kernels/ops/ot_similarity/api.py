@@ -14,6 +14,12 @@ OP = "ot_similarity"
 SELECT_MODES = ("sample", "topk", "cost")  # position = the contract's select int
 STOP_MODES = ("problem", "row", "all")  # position = the contract's stop int
 MAX_FUSED_P = 16  # patches per set the cpu/cuda kernels hold (csrc/ot_similarity, kMaxP)
+# eps the op computes correctly (in float32, as the fused kernels do for every input, triton even
+# for float64): the plan's log (f_i + g_j - C_ij)/eps carries the potentials' float32 rounding
+# (~1e-7) divided by eps, so 1 - <pi, C> is off by ~4e-8/eps (4e-4 at 1e-4; NaN at 1e-40 where 1/eps
+# overflows); above 1e3 the plan's entries differ by less than float32 resolves (a 3% wrong
+# top-k selection at 1e4, 94% at 1e6). Measured against the float64 reference (tests).
+EPS_RANGE = (1e-4, 1e3)
 
 
 def _cpu_available() -> Optional[str]:
@@ -119,6 +125,9 @@ def ot_similarity(
     * ``"topk"``: 1 - C at the ``k`` largest π entries, in descending π order -> (B, M, k);
     * ``"cost"``: 1 - <π, C> -> (B, M).
 
+    A NaN or inf in a problem's query patches or bank entry makes its outputs NaN (every select
+    mode, every backend).
+
     Gradients flow to ``query`` only; ``bank`` and the plan are constants (for ``"cost"`` this is
     the envelope gradient). Near-ties of π may swap which entries are selected between backends.
 
@@ -140,7 +149,9 @@ def ot_similarity(
         select: "sample", "topk" or "cost".
         k: top-k size, 1 <= k <= P*P ("sample" and "topk").
         choice: (B, M) int64 in [0, k), the pick for ``select="sample"``.
-        eps: entropic regulariser (> 0; the method uses 0.01, tested down to 1e-3).
+        eps: entropic regulariser in [1e-4, 1e3] (the method uses 0.01). The plan is computed in
+            float32, whose rounding limits it: 1 - <pi, C> is off by about 4e-8 / eps, and above
+            1e3 the plan's entries are too close to rank; outside the range: ValueError.
         max_iter: maximum Sinkhorn iterations (>= 1).
         tol: stopping threshold on the L1 change of f (>= 0; 0 runs ``max_iter`` iterations).
         stop: "problem", "row" or "all" (see above).
@@ -173,6 +184,9 @@ def ot_similarity(
     check_choice("select", select, SELECT_MODES)
     check_choice("stop", stop, STOP_MODES)
     check_positive("eps", eps)
+    if not EPS_RANGE[0] <= eps <= EPS_RANGE[1]:
+        raise ValueError(f"eps must lie in [{EPS_RANGE[0]:g}, {EPS_RANGE[1]:g}] (the range the kernels compute "
+                         f"correctly in float32), got {eps}")
     check_positive("max_iter", max_iter, integer=True)
     check_positive("tol", tol, allow_zero=True)
     M = index.shape[1]

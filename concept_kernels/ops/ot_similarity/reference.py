@@ -150,6 +150,10 @@ def ot_similarity_ref(
         if select == "sample":
             top = top.gather(-1, choice.unsqueeze(-1))  # (B, M, 1)
         out = flat_sim.gather(-1, top)
+        # a problem whose plan is not finite (a NaN or inf input) outputs NaN, as "cost" does: a
+        # ranking of a NaN plan would pick some entry and return a finite, meaningless value
+        bad = ~torch.isfinite(lp).all(dim=-1, keepdim=True)  # (B, M, 1)
+        out = out + torch.where(bad, float("nan"), 0.0).to(out.dtype)
         if select == "sample":
             out = out.squeeze(-1)
     return out.to(out_dtype)

@@ -25,16 +25,20 @@ zeroed, so no inf - inf NaN can arise; padded potentials are held at 0.
     ``_ERR_ITERS_PER_LAUNCH`` iterations from a saved (f, g) state and writes per-(program,
     iteration) partial sums of err (deterministic: ``tl.sum`` in the program, then a fixed-order
     torch sum over programs). Between launches torch computes each group's mean err per iteration
-    on the device and a ``done`` flag per group; launches of finished groups return at once (on
-    the CPU the loop also stops when every group is done, as the check is free there). A group's
+    on the device, its stop iteration once found and a ``done`` flag per group; launches of
+    finished groups return at once. The host reads the flags after launches 2, 4, 8, ... on a GPU
+    (after each on the CPU) and stops launching once every group is done, so a huge ``max_iter``
+    costs no launch storm, and memory is O(B*M*P), independent of ``max_iter``. A group's
     iteration count is the first iteration whose mean err < tol (+1), else ``max_iter``. Since all
     problems of a group freeze together, the unfrozen trajectory up to that point is the frozen
-    one. Pass 2 (``_ot_fwd_kernel`` with ``FIXED=True``) reruns every problem from f = g = 0 for
-    exactly its group's count and selects. Programs never straddle two groups (the grid is
-    (chunks of a group, groups)).
+    one. The (f, g) state at the start of the launch that decided a group is kept, and pass 2
+    (``_ot_fwd_kernel`` with ``FIXED=True``) resumes every problem from it for the iterations
+    left (at most ``_ERR_ITERS_PER_LAUNCH``, not the whole count again) and selects. Programs
+    never straddle two groups (the grid is (chunks of a group, groups)).
 * Selection: top-k of log pi_ij = (f_i + g_j - C_ij)/eps over the P*P flattened entries by k
   iterative arg-maxima, ties to the lowest flat index i*P + j; "sample" keeps the choice[b, m]-th,
-  "topk" all k (descending plan order), "cost" writes pi and 1 - sum_ij pi_ij C_ij.
+  "topk" all k (descending plan order), "cost" writes pi and 1 - sum_ij pi_ij C_ij. A problem
+  whose plan is not finite (NaN or inf in its query or bank patches) outputs NaN.
 * Backward: gather/accumulate, one program per (b, block of D) looping over m in ascending chunks
   of BLOCK_M problems (inside a chunk: picks s ascending, a fixed-shape tl.sum over the chunk's
   problems): a fixed summation order, deterministic, no atomics, in the input dtype.
@@ -149,7 +153,8 @@ if HAS_TRITON:
         bank_ptr,     # (R, P, D) same dtype, contiguous
         index_ptr,    # (B*M,) int64, bank row of each problem p = b*M + m
         choice_ptr,   # (B*M,) int64 in [0, K) (SELECT == 0; any valid pointer otherwise)
-        niter_ptr,    # (G,) int32 iterations of each group (FIXED only; any pointer otherwise)
+        niter_ptr,    # (G,) int64 iterations left for each group (FIXED only; any pointer otherwise)
+        f0_ptr, g0_ptr,  # (B*M, P) fp32 potentials to resume from (FIXED only; any pointer otherwise)
         out_ptr,      # (B*M, KK) query dtype: KK = K for topk, 1 for sample/cost
         aux_ptr,      # int64 (B*M, KK) flat index i*P+j (select 0/1) | (B*M, P, P) pi (select 2)
         M, P, D,      # problems per query row, patches, features
@@ -167,7 +172,8 @@ if HAS_TRITON:
 
         S_ij = <q_i, y_j>, C = 1 - S, nc = -C/eps; iterate ``_sinkhorn_step`` (FIXED=False: each
         problem freezes after the iteration where its err < tol, at most max_iter iterations, the
-        loop ends when every problem of the program froze; FIXED=True: exactly niter[g]);
+        loop ends when every problem of the program froze; FIXED=True: exactly niter[g] more
+        from (f0, g0));
         log pi = (f_i + g_j - C_ij)/eps. select 0/1: k iterative arg-maxima of log pi (ties to the
         lowest flat index i*P+j), out = S at the picked entry; select 2: aux = pi = exp(log pi),
         out = 1 - sum_ij pi_ij (1 - S_ij)."""
@@ -182,11 +188,15 @@ if HAS_TRITON:
         cvalid = (ii < P)[None, :]
         valid2 = (ii < P)[None, :, None] & (ii < P)[None, None, :]
         nc = -(1.0 - s.to(tl.float32)) / eps  # -C/eps; C itself is not kept (register pressure)
-        f = tl.zeros([BLOCK_PROB, PP], dtype=tl.float32)
-        g = tl.zeros([BLOCK_PROB, PP], dtype=tl.float32)
         if FIXED:
+            st_off = (p * P)[:, None] + ii[None, :]
+            st_mask = pvalid[:, None] & (ii < P)[None, :]
+            f = tl.load(f0_ptr + st_off, mask=st_mask, other=0.0)
+            g = tl.load(g0_ptr + st_off, mask=st_mask, other=0.0)
             limit = tl.load(niter_ptr + grp)
         else:
+            f = tl.zeros([BLOCK_PROB, PP], dtype=tl.float32)
+            g = tl.zeros([BLOCK_PROB, PP], dtype=tl.float32)
             limit = max_iter
         active = pvalid
         t = 0
@@ -210,6 +220,8 @@ if HAS_TRITON:
         else:
             flat = (ii * P)[None, :, None] + ii[None, None, :]  # [1, PP, PP] flat index i*P + j
             big = PP * PP + P * P
+            # NaN for a problem whose plan is not finite (a NaN or inf input): added to its outputs
+            nan_or_0 = tl.sum(tl.sum(tl.where(valid2, lp - lp, 0.0), axis=2), axis=1).to(s.dtype)
             lp = tl.where(valid2, lp, float("-inf"))
             if SELECT == 0:
                 ch = tl.load(choice_ptr + p, mask=pvalid, other=0)
@@ -223,8 +235,9 @@ if HAS_TRITON:
                 mx = tl.max(tl.max(lp, axis=2), axis=1)
                 hit = lp == mx[:, None, None]
                 idx = tl.min(tl.min(tl.where(hit, flat, big), axis=2), axis=1)  # lowest flat index
+                idx = tl.where(idx < big, idx, sidx)  # a NaN plan: entry sidx (valid, distinct)
                 sel = flat == idx[:, None, None]
-                val = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1)
+                val = tl.sum(tl.sum(tl.where(sel, s, 0.0), axis=2), axis=1) + nan_or_0
                 lp = tl.where(sel, float("-inf"), lp)
                 if SELECT == 1:
                     tl.store(out_ptr + p * K + sidx, val.to(out_ptr.dtype.element_ty), mask=pvalid)
@@ -241,7 +254,8 @@ if HAS_TRITON:
     @triton.jit
     def _ot_err_kernel(
         query_ptr, bank_ptr, index_ptr,  # as in _ot_fwd_kernel
-        f_ptr, g_ptr,    # (B*M, P) fp32 saved potentials (zeros before the first launch), updated
+        f_ptr, g_ptr,    # (B*M, P) fp32 potentials after t0 iterations (zeros before the first launch)
+        f_out_ptr, g_out_ptr,  # (B*M, P) fp32: the potentials after t1 iterations
         err_ptr,         # (G, n_chunks, n_t) fp32: sum over the program's problems of err
         done_ptr,        # (G,) int32: 1 = the group already stopped, the program returns at once
         M, P, D, L,
@@ -251,8 +265,8 @@ if HAS_TRITON:
         BLOCK_PROB: tl.constexpr, PP: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
         """Pass 1 of the group stopping rules: iterations t0..t1-1 without freezing from the saved
-        (f, g); err_ptr[g, chunk, t - t0] = sum over the program's problems of
-        sum_i |f_i - f_i_old| at iteration t."""
+        (f, g), written to (f_out, g_out); err_ptr[g, chunk, t - t0] = sum over the program's
+        problems of sum_i |f_i - f_i_old| at iteration t."""
         chunk = tl.program_id(0)
         grp = tl.program_id(1)
         n_chunks = tl.num_programs(0)
@@ -275,8 +289,8 @@ if HAS_TRITON:
                 f, g, err = _sinkhorn_step(nc, f, g, valid2, rvalid, rvalid, eps, log_a)
                 tl.store(err_row + (t - t0), tl.sum(tl.where(pvalid, err, 0.0), axis=0))
                 t += 1
-            tl.store(f_ptr + st_off, f, mask=st_mask)
-            tl.store(g_ptr + st_off, g, mask=st_mask)
+            tl.store(f_out_ptr + st_off, f, mask=st_mask)
+            tl.store(g_out_ptr + st_off, g, mask=st_mask)
 
     @triton.jit
     def _ot_bwd_kernel(
@@ -368,35 +382,62 @@ def _blocks(P: int, D: int, L: int) -> Tuple[int, int, int]:
 
 
 def _group_iterations(query, bank, index, eps, max_iter, tol, G, L, blocks):
-    """Pass 1 for stop="row"/"all": (G,) int32 iterations per group (first t with mean err < tol,
-    plus one; max_iter if never)."""
+    """Pass 1 for stop="row"/"all": each group's iteration count and the state to finish it from.
+
+    Returns (stop_at (G,) int64, start (G,) int64, f (B*M, P), g (B*M, P)): group g stops after
+    stop_at[g] = T_g iterations (the first whose mean err < tol, else max_iter); (f, g) hold its
+    problems' potentials after start[g] <= T_g iterations (the start of the launch that decided it,
+    or max_iter).
+
+    Memory is O(B*M*P + G * launches' partial sums), whatever max_iter (no (G, max_iter) table).
+    Launches of ``_ERR_ITERS_PER_LAUNCH`` iterations: on a GPU the host reads the groups' done
+    flags after launches 2, 4, 8, ... (a host sync each), so a huge max_iter costs about twice the
+    launches the slowest group needs, not max_iter / _ERR_ITERS_PER_LAUNCH; on the CPU after each.
+    """
     Q = index.numel()
     bp, PP, bd = blocks
     n_chunks = triton.cdiv(L, bp)
     P, D = query.shape[1], query.shape[2]
     dev = query.device
-    f = torch.zeros(Q, P, dtype=torch.float32, device=dev)
-    g = torch.zeros(Q, P, dtype=torch.float32, device=dev)
+    f_in = torch.zeros(Q, P, dtype=torch.float32, device=dev)
+    g_in = torch.zeros(Q, P, dtype=torch.float32, device=dev)
+    f_out, g_out = torch.empty_like(f_in), torch.empty_like(g_in)
+    f_ck, g_ck = torch.zeros_like(f_in), torch.zeros_like(g_in)  # state at each group's start
     n_t = _ERR_ITERS_PER_LAUNCH
     err = torch.empty(G, n_chunks, n_t, dtype=torch.float32, device=dev)
+    stop_at = torch.zeros(G, dtype=torch.int64, device=dev)  # T_g once decided, else 0
+    start = torch.zeros(G, dtype=torch.int64, device=dev)
     done = torch.zeros(G, dtype=torch.int32, device=dev)
-    below = torch.zeros(G, max_iter, dtype=torch.bool, device=dev)
     log_a = -math.log(P)
-    for t0 in range(0, max_iter, n_t):
+    t0, launches = 0, 0
+    while t0 < max_iter:
         t1 = min(t0 + n_t, max_iter)
-        err.fill_(float("inf"))  # groups done before this launch skip it: inf, never below tol
+        err.fill_(float("inf"))  # groups done before this launch skip it
         _ot_err_kernel[(n_chunks, G)](
-            query, bank, index, f, g, err, done, index.shape[1], P, D, L, t0, t1, n_t,
+            query, bank, index, f_in, g_in, f_out, g_out, err, done, index.shape[1], P, D, L, t0, t1, n_t,
             float(eps), log_a, BLOCK_PROB=bp, PP=PP, BLOCK_D=bd, num_warps=_NUM_WARPS,
         )
-        # group mean err per iteration: fixed-order (deterministic) sum over the group's programs
-        below[:, t0:t1] = (err[:, :, : t1 - t0].sum(dim=1) / L) < tol
-        done = below.any(dim=1).to(torch.int32)
-        if dev.type != "cuda" and bool(done.all()):  # free on the CPU; no host sync on a GPU
+        # group mean err per iteration: fixed-order (deterministic) sum over the group's programs;
+        # a NaN mean stops, as in the reference (not >= tol)
+        mean = err[:, :, : t1 - t0].sum(dim=1) / L
+        below = ~(mean >= tol) & (done == 0)[:, None]
+        hit = below.any(dim=1)
+        first = below.to(torch.int8).argmax(dim=1)  # first True
+        stop_at = torch.where(hit, t0 + first + 1, stop_at)
+        start = torch.where(hit, torch.full_like(start, t0), start)
+        mask = hit.repeat_interleave(L)[:, None]
+        f_ck, g_ck = torch.where(mask, f_in, f_ck), torch.where(mask, g_in, g_ck)
+        done = (stop_at > 0).to(torch.int32)
+        f_in, f_out, g_in, g_out = f_out, f_in, g_out, g_in  # the running groups' new state
+        t0, launches = t1, launches + 1
+        if (dev.type != "cuda" or launches & (launches - 1) == 0) and bool(done.all()):
             break
-    first = below.to(torch.int8).argmax(dim=1)  # first True (argmax returns the first maximum)
-    never = torch.full_like(first, max_iter)
-    return torch.where(below.any(dim=1), first + 1, never).to(torch.int32)
+    never = stop_at == 0  # ran max_iter: finish from the last state, 0 iterations left
+    mask = never.repeat_interleave(L)[:, None]
+    f_ck, g_ck = torch.where(mask, f_in, f_ck), torch.where(mask, g_in, g_ck)
+    stop_at = torch.where(never, torch.full_like(stop_at, max_iter), stop_at)
+    start = torch.where(never, torch.full_like(start, max_iter), start)
+    return stop_at, start, f_ck, g_ck
 
 
 def ot_similarity_fwd_triton(query: torch.Tensor, bank: torch.Tensor, index: torch.Tensor,
@@ -431,13 +472,14 @@ def ot_similarity_fwd_triton(query: torch.Tensor, bank: torch.Tensor, index: tor
     blocks = _blocks(P, D, L)
     bp, PP, bd = blocks
     if stop == STOP_PROBLEM:
-        niter, fixed = index, False  # any pointer: unused
+        niter, f0, g0, fixed = index, index, index, False  # any pointers: unused
     else:
-        niter, fixed = _group_iterations(query, bank, index, eps, max_iter, tol, G, L, blocks), True
+        stop_at, start, f0, g0 = _group_iterations(query, bank, index, eps, max_iter, tol, G, L, blocks)
+        niter, fixed = stop_at - start, True
     ch = choice.contiguous() if select == SELECT_SAMPLE else index
     grid = (triton.cdiv(L, bp), G)
     _ot_fwd_kernel[grid](
-        query, bank, index, ch, niter, out, aux, M, P, D, L, k,
+        query, bank, index, ch, niter, f0, g0, out, aux, M, P, D, L, k,
         float(eps), -math.log(P), int(max_iter), float(tol),
         SELECT=int(select), FIXED=fixed, BLOCK_PROB=bp, PP=PP, BLOCK_D=bd, num_warps=_NUM_WARPS,
     )
