@@ -81,9 +81,12 @@ def test_fused_ops_match_reference(tiny_net, monkeypatch, mode):
     whenever a backend lands or changes. Tolerances, per step:
 
     * every part except L_con (and the total): 1e-4 (same parameters, same inputs; fp32 reorderings);
-    * L_con and the total: rtol 0.1. ot_similarity's top-k selection is discontinuous, and patches
+    * L_con and the total: rtol 0.15. ot_similarity's top-k selection is discontinuous, and patches
       that land in the same feature cell give exactly tied plan entries whose order the backends
-      break differently (measured: L_con off by up to 3% on seeds 0-4). Comparing free-running
+      break differently (measured: L_con off by up to 3% on seeds 0-4 per problem; with the published
+      group stopping, the default since it landed, roi step 0 is 11% off: against the float64 reference
+      the fused cpu path and the float32 reference flip about as many near-tied picks, 3 vs 1 of the
+      positives and 36 vs 34 of 720 negatives; the old lockstep group solver was 8.5% off). Comparing free-running
       trajectories instead amplifies one such flip chaotically (up to 30% after 3 steps at this lr).
       A wrong backend is far outside this (the losses are O(1-10)).
     """
@@ -112,4 +115,4 @@ def test_fused_ops_match_reference(tiny_net, monkeypatch, mode):
         exact = [i for i, k in enumerate(PARTS) if k not in ("loss", "con")]
         msg = lambda m: f"step {step}, backends {auto}: {m}"  # noqa: E731
         torch.testing.assert_close(a[exact], r[exact], atol=1e-4, rtol=1e-4, msg=msg)
-        torch.testing.assert_close(a, r, atol=1e-3, rtol=0.1, msg=msg)
+        torch.testing.assert_close(a, r, atol=1e-3, rtol=0.15, msg=msg)
