@@ -29,6 +29,7 @@ from .checkpoint import (BEST, CHECKPOINT, CONFIG_JSON, CheckpointError, OutputD
                          check_resume_config, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, write_json, write_metrics)  # (CheckpointError: re-exported)
 from .data import builtin, image_folder, make_views
+from .methods import REGISTRY as METHOD_REGISTRY
 from .model import ConceptTuner
 from .report import TensorBoardScalars, startup_summary
 from .runtime import resolve_threads, resolve_workers
@@ -191,7 +192,9 @@ def build_model(cfg: Config, backbone: torch.nn.Module, num_classes: int, device
     kw = {k: getattr(cfg, k) for k in ("method", "patch_mode", "num_patches", "num_confusing", "queue_len",
                                        "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks",
                                        "temperature", "sinkhorn_stop")}
-    return ConceptTuner(backbone, num_classes, (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
+    options = METHOD_REGISTRY[cfg.method].options_from(cfg) if cfg.method in METHOD_REGISTRY else {}
+    return ConceptTuner(backbone, num_classes, (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum,
+                        method_options=options, **kw).to(device)
 
 
 def build(cfg: Config, device: torch.device):
@@ -284,6 +287,7 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cos"
              else torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1))
     state, history = dict(epoch=0, step_in_epoch=0, global_step=0), History()
+    model.prepare(train_set, out)  # the method's once-per-run preparation (e.g. cached statistics)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -371,7 +375,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
                 state["global_step"] += 1
                 sums["n"] += 1
                 res["acc"] = (res["logits"].argmax(1) == y).float().mean()
-                for k in ("loss", "ce", "img", "con", "ce_ib", "kl", "acc"):
+                parts = dict.fromkeys(("loss", "ce", "img", "con", "ce_ib", "kl", "acc", *res))  # + the method's
+                for k in (k for k in parts if k != "logits"):
                     sums[k] = sums.get(k, 0.0) + float(res[k].detach())
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}",
                                 img_s=f"{(s + 1 - start) * per_step / (time.perf_counter() - t0):.1f}")
