@@ -37,7 +37,7 @@ from .runtime import resolve_threads, resolve_workers
 # fields that must match when resuming (the rest, e.g. epochs or progress, may change)
 _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_size", "seed", "shots_per_class",
                 "num_patches", "num_confusing", "queue_len", "iters_per_epoch", "key_momentum", "temperature",
-                "sinkhorn_stop")
+                "sinkhorn_stop")  # + the method's own options (Method.config_fields)
 # the published recipe: m = 0.999 over 40 epochs x 500 steps, so the EMA's time constant 1/(1-m) is 5% of the run
 PUBLISHED_KEY_LAG = (1 / (1 - 0.999)) / (40 * 500)
 KEY_MOMENTUM_RANGE = (0.5, 0.9999)
@@ -118,6 +118,10 @@ class Config:
     w_con: float = 1.0
     w_ce_ib: float = 1.0
     w_kl: float = 5e-3
+    l2sp_alpha: float = _doc(0.01, "l2sp: weight a of a/2 ||w - w0||^2 over the backbone (w0: pretrained)")
+    l2sp_beta: float = _doc(0.01, "l2sp: weight b of b/2 ||w_head||^2 (l2sp runs without weight decay)")
+    bss_eta: float = _doc(1e-3, "bss: weight of the k smallest squared singular values of the batch features")
+    bss_k: int = _doc(1, "bss: how many of the smallest singular values are shrunk")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
@@ -272,7 +276,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
         raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
-        check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS)
+        method_keys = tuple(getattr(METHOD_REGISTRY.get(cfg.method), "config_fields", {}).values())
+        check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS + method_keys)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
