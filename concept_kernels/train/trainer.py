@@ -122,6 +122,7 @@ class Config:
     l2sp_beta: float = _doc(0.01, "l2sp: weight b of b/2 ||w_head||^2 (l2sp runs without weight decay)")
     bss_eta: float = _doc(1e-3, "bss: weight of the k smallest squared singular values of the batch features")
     bss_k: int = _doc(1, "bss: how many of the smallest singular values are shrunk")
+    stochnorm_p: float = _doc(0.5, "stochnorm: probability that a BN channel uses batch (not moving) statistics")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")

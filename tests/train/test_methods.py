@@ -60,7 +60,7 @@ def test_step_loop_has_no_method_branches():
     assert not any(f'"{m}"' in src for m in METHODS)
 
 
-NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",)}
+NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": ()}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))
@@ -85,3 +85,23 @@ def test_new_method_trains_saves_and_reloads(tmp_path, method):
     changed = dataclasses.replace(cfg, resume=True, epochs=2, **{field: getattr(cfg, field) * 2})
     with pytest.raises(CheckpointError, match=field):
         run(changed)
+
+
+def test_stochnorm_resume_is_bit_exact(tmp_path):
+    """StochNorm draws its switches from the torch RNG: 2 epochs straight == 1 epoch + --resume."""
+    import dataclasses
+
+    from conftest import tiny_config
+
+    from concept_kernels.train import run
+    from concept_kernels.train.trainer import CHECKPOINT, load_checkpoint
+
+    straight = tiny_config(tmp_path / "a", method="stochnorm", epochs=2)
+    run(straight)
+    split = tiny_config(tmp_path / "b", method="stochnorm", epochs=1)
+    run(split)
+    run(dataclasses.replace(split, epochs=2, resume=True))
+    a, b = (load_checkpoint(tmp_path / d / "run" / CHECKPOINT)["model"] for d in "ab")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
