@@ -154,6 +154,10 @@ class ConceptTuner(nn.Module):
         """The method's once-per-run preparation (the trainer calls it before the first step)."""
         self.impl.prepare(self, train_set, out_dir)
 
+    def finish(self, evaluate, out_dir=None) -> dict:
+        """The method's end-of-run evaluations (``evaluate(model)`` -> accuracies), e.g. WiSE-FT's sweep."""
+        return self.impl.finish(self, evaluate, out_dir)
+
     @classmethod
     def from_checkpoint(cls, path, device: torch.device | str = "cpu") -> ConceptTuner:
         """The model a ``python -m concept_kernels.train`` run saved (``<out>/checkpoint.pt`` or ``best.pt``):

@@ -123,6 +123,9 @@ class Config:
     bss_eta: float = _doc(1e-3, "bss: weight of the k smallest squared singular values of the batch features")
     bss_k: int = _doc(1, "bss: how many of the smallest singular values are shrunk")
     stochnorm_p: float = _doc(0.5, "stochnorm: probability that a BN channel uses batch (not moving) statistics")
+    wise_alphas: tuple[float, ...] = _doc((0.0, 0.25, 0.5, 0.75, 1.0), "wiseft: interpolation weights evaluated "
+                                          "at the end (<out>/wise_ft.json)")
+    wise_probe_l2: float = _doc(1e-3, "wiseft: L2 weight of the linear probe that gives theta_0's head")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
@@ -420,6 +423,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
             save(best=improved)
             if rank == 0:
                 tensorboard.log(row)
+        if rank == 0 and (extra := model.finish(lambda m: evaluate(m, test_set, device, workers=workers[0]), out)):
+            print(f"[{cfg.method}] end of run: {extra}", flush=True)
     finally:
         tensorboard.close()
         if old_handler is not None:

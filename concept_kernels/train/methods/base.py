@@ -15,7 +15,9 @@ method_options={...})`` builds its backbone and new linear head, then calls the 
 * ``train_mode(tuner, mode)``: after ``tuner.train(mode)`` (e.g. keep a frozen backbone in eval mode);
 * ``predict_heads(tuner, f)``: extra evaluation heads on the feature map f (B, C, h, w);
 * ``prepare(tuner, train_set, out_dir)``: once per training run, before the first step (e.g. statistics
-  of the training set, cached under ``out_dir``).
+  of the training set, cached under ``out_dir``);
+* ``finish(tuner, evaluate, out_dir)``: when the run has trained all its epochs (e.g. a sweep of
+  interpolated models), returning what it measured.
 
 Hyper-parameters: ``options`` (name -> default) and ``config_fields`` (name -> the trainer's Config field,
 i.e. its CLI flag); ``check()`` validates them.
@@ -105,6 +107,11 @@ class Method:
 
     def prepare(self, tuner, train_set, out_dir) -> None:
         """Once per training run, before the first step."""
+
+    def finish(self, tuner, evaluate, out_dir) -> dict:
+        """When a run has trained all its epochs: further evaluations (``evaluate(model)`` -> accuracies);
+        returns them ({} : none)."""
+        return {}
 
 
 def check_number(opts: dict, name: str, low: float, high: float = float("inf"), *, low_open: bool = False) -> None:
