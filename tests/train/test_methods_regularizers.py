@@ -62,7 +62,7 @@ def test_bss_penalty_value_and_gradient(shape, k):
     value, grad = _numpy_bss(x.detach().numpy(), k)
     out = smallest_squared_singular_values(x, k)
     out.backward()
-    assert float(out) == pytest.approx(value, rel=1e-10)
+    assert out.item() == pytest.approx(value, rel=1e-10)
     np.testing.assert_allclose(x.grad.numpy(), grad, rtol=1e-8, atol=1e-12)
 
 
