@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import sys
 
+from .methods import REGISTRY as METHOD_REGISTRY
 from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
 from .runtime import HelpFormatter, missing_extra_message
 from .trainer import CheckpointError, Config, run
@@ -27,8 +28,7 @@ TYPES = {"int": int, "float": float, "str": str, "float | str": _float_or_auto}
 # help for the Config fields that carry none in their metadata
 HELP = dict(
     image_size="input side in px (training views and the centre test crop)",
-    method="vanilla (CE), linear (frozen backbone), bituning (CE + image-level contrastive), surgical "
-           "(--train-blocks only) or concept (Concept-Tuning)",
+    method="; ".join(f"{name}: {cls.summary}" for name, cls in METHOD_REGISTRY.items()),
     patch_mode="image (published: crops through the network) or roi (fast RoIAlign of the map, NOT equivalent)",
     epochs="training epochs (each ends with a test evaluation and a checkpoint)",
     batch_size="images per step and rank",

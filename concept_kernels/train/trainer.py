@@ -29,6 +29,7 @@ from .checkpoint import (BEST, CHECKPOINT, CONFIG_JSON, CheckpointError, OutputD
                          check_resume_config, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, write_json, write_metrics)  # (CheckpointError: re-exported)
 from .data import builtin, image_folder, make_views
+from .methods import REGISTRY as METHOD_REGISTRY
 from .model import ConceptTuner
 from .report import TensorBoardScalars, startup_summary
 from .runtime import resolve_threads, resolve_workers
@@ -36,7 +37,7 @@ from .runtime import resolve_threads, resolve_workers
 # fields that must match when resuming (the rest, e.g. epochs or progress, may change)
 _RESUME_KEYS = ("model", "data", "method", "patch_mode", "image_size", "batch_size", "seed", "shots_per_class",
                 "num_patches", "num_confusing", "queue_len", "iters_per_epoch", "key_momentum", "temperature",
-                "sinkhorn_stop")
+                "sinkhorn_stop")  # + the method's own options (Method.config_fields)
 # the published recipe: m = 0.999 over 40 epochs x 500 steps, so the EMA's time constant 1/(1-m) is 5% of the run
 PUBLISHED_KEY_LAG = (1 / (1 - 0.999)) / (40 * 500)
 KEY_MOMENTUM_RANGE = (0.5, 0.9999)
@@ -117,6 +118,14 @@ class Config:
     w_con: float = 1.0
     w_ce_ib: float = 1.0
     w_kl: float = 5e-3
+    l2sp_alpha: float = _doc(0.01, "l2sp: weight a of a/2 ||w - w0||^2 over the backbone (w0: pretrained)")
+    l2sp_beta: float = _doc(0.01, "l2sp: weight b of b/2 ||w_head||^2 (l2sp runs without weight decay)")
+    bss_eta: float = _doc(1e-3, "bss: weight of the k smallest squared singular values of the batch features")
+    bss_k: int = _doc(1, "bss: how many of the smallest singular values are shrunk")
+    stochnorm_p: float = _doc(0.5, "stochnorm: probability that a BN channel uses batch (not moving) statistics")
+    wise_alphas: tuple[float, ...] = _doc((0.0, 0.25, 0.5, 0.75, 1.0), "wiseft: interpolation weights evaluated "
+                                          "at the end (<out>/wise_ft.json)")
+    wise_probe_l2: float = _doc(1e-3, "wiseft: L2 weight of the linear probe that gives theta_0's head")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
@@ -191,7 +200,9 @@ def build_model(cfg: Config, backbone: torch.nn.Module, num_classes: int, device
     kw = {k: getattr(cfg, k) for k in ("method", "patch_mode", "num_patches", "num_confusing", "queue_len",
                                        "patch_pixels", "w_img", "w_con", "w_ce_ib", "w_kl", "train_blocks",
                                        "temperature", "sinkhorn_stop")}
-    return ConceptTuner(backbone, num_classes, (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum, **kw).to(device)
+    options = METHOD_REGISTRY[cfg.method].options_from(cfg) if cfg.method in METHOD_REGISTRY else {}
+    return ConceptTuner(backbone, num_classes, (cfg.image_size,) * 2, bn_momentum=cfg.bn_momentum,
+                        method_options=options, **kw).to(device)
 
 
 def build(cfg: Config, device: torch.device):
@@ -269,7 +280,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
         raise CheckpointError(f"--resume: no checkpoint at {ckpt_path}")
     ckpt = load_checkpoint(ckpt_path) if cfg.resume else None
     if ckpt is not None:
-        check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS)
+        method_keys = tuple(getattr(METHOD_REGISTRY.get(cfg.method), "config_fields", {}).values())
+        check_resume_config(ckpt_path, ckpt["config"], conf, _RESUME_KEYS + method_keys)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
@@ -284,6 +296,7 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
     sched = (torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg.epochs) if cfg.schedule == "cos"
              else torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), gamma=0.1))
     state, history = dict(epoch=0, step_in_epoch=0, global_step=0), History()
+    model.prepare(train_set, out)  # the method's once-per-run preparation (e.g. cached statistics)
     torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank augmentation stream
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
@@ -371,7 +384,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
                 state["global_step"] += 1
                 sums["n"] += 1
                 res["acc"] = (res["logits"].argmax(1) == y).float().mean()
-                for k in ("loss", "ce", "img", "con", "ce_ib", "kl", "acc"):
+                parts = dict.fromkeys(("loss", "ce", "img", "con", "ce_ib", "kl", "acc", *res))  # + the method's
+                for k in (k for k in parts if k != "logits"):
                     sums[k] = sums.get(k, 0.0) + float(res[k].detach())
                 bar.set_postfix(loss=f"{sums['loss'] / sums['n']:.3f}", acc=f"{sums['acc'] / sums['n']:.3f}",
                                 img_s=f"{(s + 1 - start) * per_step / (time.perf_counter() - t0):.1f}")
@@ -409,6 +423,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
             save(best=improved)
             if rank == 0:
                 tensorboard.log(row)
+        if rank == 0 and (extra := model.finish(lambda m: evaluate(m, test_set, device, workers=workers[0]), out)):
+            print(f"[{cfg.method}] end of run: {extra}", flush=True)
     finally:
         tensorboard.close()
         if old_handler is not None:

@@ -1,0 +1,124 @@
+"""The method interface: what a fine-tuning method adds to ``ConceptTuner``'s plain classifier.
+
+A method is a small class registered by name (:func:`register`). ``ConceptTuner(backbone, ..., method=name,
+method_options={...})`` builds its backbone and new linear head, then calls the method's hooks:
+
+* ``num_views(tuner)``: augmented views per step (view 0 feeds the main head);
+* ``build(tuner)``: once, after the head exists: add modules to the tuner (a frozen teacher, a key encoder,
+  another head; they become state_dict entries under their attribute names), freeze parameters, swap layers;
+* ``loss_terms(tuner, views, labels, f0, logits)``: each step, after the main head's CE on view 0: the
+  method's extra loss parts (unweighted), combined as ``loss = ce + sum(weights[k] * part[k])``;
+* ``weights()``: the weights of those parts (in the order they are added);
+* ``heads(tuner)``: the modules trained at the full lr (default: the new head);
+* ``param_groups(tuner, lr, backbone_mult)``: the optimizer's groups (default: trainable backbone
+  parameters at lr * backbone_mult, heads at lr);
+* ``train_mode(tuner, mode)``: after ``tuner.train(mode)`` (e.g. keep a frozen backbone in eval mode);
+* ``predict_heads(tuner, f)``: extra evaluation heads on the feature map f (B, C, h, w);
+* ``prepare(tuner, train_set, out_dir)``: once per training run, before the first step (e.g. statistics
+  of the training set, cached under ``out_dir``);
+* ``finish(tuner, evaluate, out_dir)``: when the run has trained all its epochs (e.g. a sweep of
+  interpolated models), returning what it measured.
+
+Hyper-parameters: ``options`` (name -> default) and ``config_fields`` (name -> the trainer's Config field,
+i.e. its CLI flag); ``check()`` validates them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+REGISTRY: dict[str, type[Method]] = {}
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: make ``cls`` available as ``method=cls.name`` (CLI ``--method``)."""
+    if cls.name in REGISTRY:
+        raise ValueError(f"method {cls.name!r} is registered twice")
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def create_method(name: str, options: dict[str, Any] | None = None) -> Method:
+    """The registered method ``name`` with ``options`` (unknown names: TypeError; bad values: ValueError)."""
+    if name not in REGISTRY:
+        raise ValueError(f"method must be one of {tuple(REGISTRY)}, got {name!r}")
+    return REGISTRY[name](**(options or {}))
+
+
+def under(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether the parameter ``name`` is one of ``prefixes`` or lies under one (``blocks.1`` -> ``blocks.1.x``)."""
+    return any(name == t or name.startswith(t + ".") for t in prefixes)
+
+
+class Method:
+    """Plain fine-tuning (cross-entropy on the new head); subclasses override the hooks they need."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str] = ""
+    options: ClassVar[dict[str, Any]] = {}
+    config_fields: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise TypeError(f"method {self.name!r} has no option(s) {unknown}; its options: {sorted(self.options)}")
+        self.opts = {**self.options, **options}
+        self.check()
+
+    @classmethod
+    def options_from(cls, cfg: Any) -> dict[str, Any]:
+        """This method's options from a trainer Config (its ``config_fields``)."""
+        return {opt: getattr(cfg, field) for opt, field in cls.config_fields.items()}
+
+    def num_views(self, tuner) -> int:
+        """Augmented views of each batch a step uses (view 0 feeds the main head)."""
+        return 1
+
+    def check(self) -> None:
+        """Validate ``self.opts`` (ValueError naming the option)."""
+
+    def build(self, tuner: nn.Module) -> None:
+        """Add modules / freeze parameters of ``tuner`` (its backbone and head exist)."""
+
+    def weights(self) -> dict[str, float]:
+        return {}
+
+    def loss_terms(self, tuner, views, labels: torch.Tensor, f0: torch.Tensor,
+                   logits: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def heads(self, tuner) -> list[nn.Module]:
+        return [tuner.head]
+
+    def param_groups(self, tuner, lr: float, backbone_mult: float) -> list[dict]:
+        bb = [p for p in tuner.backbone.parameters() if p.requires_grad]
+        heads = [p for m in self.heads(tuner) for p in m.parameters()]
+        groups = [dict(params=bb, lr=lr * backbone_mult, name="backbone")] if bb else []
+        return groups + [dict(params=heads, lr=lr, name="heads")]
+
+    def train_mode(self, tuner, mode: bool) -> None:
+        """Called after ``tuner.train(mode)``."""
+
+    def predict_heads(self, tuner, f: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {}
+
+    def prepare(self, tuner, train_set, out_dir) -> None:
+        """Once per training run, before the first step."""
+
+    def finish(self, tuner, evaluate, out_dir) -> dict:
+        """When a run has trained all its epochs: further evaluations (``evaluate(model)`` -> accuracies);
+        returns them ({} : none)."""
+        return {}
+
+
+def check_number(opts: dict, name: str, low: float, high: float = float("inf"), *, low_open: bool = False) -> None:
+    """ValueError naming option ``name`` unless it is a real number in [low, high] ((low, high] if ``low_open``)."""
+    v = opts[name]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and (v > low if low_open else v >= low) \
+        and v <= high
+    if not ok:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{name} must be a number in {bracket}{low}, {high}], got {v!r}")
