@@ -72,7 +72,7 @@ def _cuda_toolkit_problem(cuda_home):
     if not os.access(nvcc, os.X_OK):
         return f"CUDA_HOME={cuda_home} has no bin/nvcc"
     libs = [os.path.join(cuda_home, d, n)
-            for d in ("lib64", "lib") for n in ("libcudart.so", "libcudart_static.a")]
+            for d in ("lib64", "lib") for n in ("libcudart.so", "libcudart.a")]
     if not any(os.path.exists(p) for p in libs):
         return (f"CUDA_HOME={cuda_home} has no lib64/libcudart.so (a runtime-only CUDA install): "
                 "the link would fail with `cannot find -lcudart`")
