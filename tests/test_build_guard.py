@@ -161,6 +161,7 @@ def test_recorded_isa_is_what_the_library_was_compiled_with():
     assert set(compiled) <= set(_isa.ISA_FLAGS)
 
 
+@skip_if_no_ext
 def test_refused_build_leaves_a_working_package(zen3_cpu):
     """In a fresh interpreter on a (faked) Zen 3 with this build's facts made AVX-512: the package
     imports, _C is never loaded, the ops run on their reference backends, and info says why."""
