@@ -5,17 +5,27 @@
 What gets built (environment variables, read at build time):
     CONCEPT_KERNELS_NO_EXT=1   -> pure-Python install, no _C (reference + Triton backends still work)
     otherwise                  -> C++ ops from csrc/**/*.cpp (OpenMP), always
-      + csrc/**/*.cu           -> only when torch has CUDA (torch.version.cuda), nvcc is found and
+    CONCEPT_KERNELS_CPU_ARCH   -> -march of the C++ ops: "native" (default: this machine only),
+                                  "x86-64-v3" (portable AVX2+FMA wheel), "" (compiler default)
+      + csrc/**/*.cu           -> when torch has CUDA (torch.version.cuda) and
                                   CONCEPT_KERNELS_NO_CUDA is unset; archs from TORCH_CUDA_ARCH_LIST,
-                                  default "8.0;9.0" when unset and no GPU is visible
+                                  default "8.0;9.0" when unset and no GPU is visible. The build
+                                  FAILS at once when torch has CUDA but the CUDA toolkit (nvcc,
+                                  libcudart.so) is missing: CONCEPT_KERNELS_NO_CUDA=1 builds C++ only
     CONCEPT_KERNELS_DEBUG=1    -> -O0 -g (-G for nvcc) instead of -O3 -g0
     MAX_JOBS                   -> parallel compile jobs (ninja)
-Build facts are written to concept_kernels/_build_info.py (generated, gitignored) for `info`.
+Build facts are written to concept_kernels/_build_info.py (generated, gitignored): the torch version
+and the CPU ISA the C++ ops were compiled for. concept_kernels._ext refuses to load _C under another
+torch or on a CPU without that ISA (SIGILL otherwise); `python -m concept_kernels.info` shows both.
 """
 
 import glob
+import importlib.util
 import os
 import pprint
+import shlex
+import sys
+import sysconfig
 
 from setuptools import setup
 
@@ -31,6 +41,55 @@ def _flag(name):
 def _sources(pattern):
     # relative paths: setuptools rejects absolute sources in an editable build
     return sorted(glob.glob(os.path.join("csrc", "**", pattern), recursive=True))
+
+
+def _load_isa_module():
+    # concept_kernels/_isa.py by path: the package itself (torch, numpy) is not importable yet
+    spec = importlib.util.spec_from_file_location("_ck_isa", os.path.join(ROOT, "concept_kernels", "_isa.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _compile_isa(cxx_flags):
+    """The ISA macros the C++ sources are compiled with: torch's compiler (CXX, default c++) with
+    setuptools' CFLAGS/CPPFLAGS in front of our flags, as torch's BuildExtension runs it."""
+    from torch.utils import cpp_extension
+
+    front = shlex.split(sysconfig.get_config_var("CFLAGS") or "")
+    front += shlex.split(os.environ.get("CFLAGS", "")) + shlex.split(os.environ.get("CPPFLAGS", ""))
+    try:
+        return _load_isa_module().compiler_isa(cpp_extension.get_cxx_compiler(), [*front, *cxx_flags])
+    except RuntimeError as e:
+        sys.exit(f"concept_kernels: cannot ask the C++ compiler which ISA it targets: {e}")
+
+
+def _cuda_toolkit_problem(cuda_home):
+    """Why the CUDA sources cannot be built with the toolkit at ``cuda_home``, or None."""
+    if cuda_home is None:
+        return "no CUDA toolkit found (CUDA_HOME/CUDA_PATH unset, no nvcc on PATH, no /usr/local/cuda)"
+    nvcc = os.path.join(cuda_home, "bin", "nvcc")
+    if not os.access(nvcc, os.X_OK):
+        return f"CUDA_HOME={cuda_home} has no bin/nvcc"
+    libs = [os.path.join(cuda_home, d, n)
+            for d in ("lib64", "lib") for n in ("libcudart.so", "libcudart.a")]
+    if not any(os.path.exists(p) for p in libs):
+        return (f"CUDA_HOME={cuda_home} has no lib64/libcudart.so (a runtime-only CUDA install): "
+                "the link would fail with `cannot find -lcudart`")
+    return None
+
+
+def _cuda_refusal(torch, problem):
+    where = os.path.dirname(torch.__file__)
+    isolated = "pip-build-env" in where or "build-env-" in where
+    return (
+        f"concept_kernels: torch {torch.__version__} (from {where}) has CUDA {torch.version.cuda}, "
+        f"but the CUDA sources cannot be built: {problem}.\n"
+        "  - C++ ops only (no CUDA kernels): set CONCEPT_KERNELS_NO_CUDA=1 and build again;\n"
+        "  - CUDA kernels: install the CUDA toolkit matching torch's CUDA and set CUDA_HOME."
+        + ("\n  This torch comes from pip's isolated build environment, not the one that will run the "
+           "package: use `pip install --no-build-isolation --no-deps -e .`." if isolated else "")
+    )
 
 
 def _write_build_info(facts):
@@ -63,6 +122,8 @@ def extensions():
     # the translation unit is compiled for, and per-function target_clones come too late for that
     # (the vectors were already split to SSE; measured 3x slower). CONCEPT_KERNELS_CPU_ARCH picks
     # another -march (e.g. x86-64-v3 for a portable AVX2 build), or "" for the compiler default.
+    # A native build copied to an older CPU would die with SIGILL: the ISA macros the compiler
+    # enables are recorded (facts["isa"]) and concept_kernels._ext refuses to load _C without them.
     # fp-contract=fast: a*b+c as one FMA, as nvcc does by default.
     cpu_arch = os.environ.get("CONCEPT_KERNELS_CPU_ARCH", "native")
     cxx += [*([f"-march={cpu_arch}"] if cpu_arch else []), "-ffp-contract=fast"]
@@ -72,10 +133,10 @@ def extensions():
 
     cu_sources = _sources("*.cu")
     want_cuda = bool(torch.version.cuda) and bool(cu_sources) and not _flag("CONCEPT_KERNELS_NO_CUDA")
-    if want_cuda and cpp_extension.CUDA_HOME is None:
-        print("concept_kernels: torch has CUDA but nvcc/CUDA_HOME was not found -> C++ ops only")
-        want_cuda = False
-    facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda, debug=debug, cxx_flags=cxx)
+    if want_cuda and (problem := _cuda_toolkit_problem(cpp_extension.CUDA_HOME)):
+        sys.exit(_cuda_refusal(torch, problem))  # early and loud: pip hides a printed warning
+    facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda, debug=debug, cxx_flags=cxx,
+                 cpu_arch=cpu_arch, isa=_compile_isa(cxx))
 
     if want_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -97,12 +158,13 @@ def extensions():
     return [ext], {"build_ext": build_ext}, facts
 
 
-ext_modules, cmdclass, facts = extensions()
-_write_build_info(facts)
+if __name__ == "__main__":  # pip/build run setup.py as __main__; tests import its functions
+    ext_modules, cmdclass, facts = extensions()
+    _write_build_info(facts)
 
-setup(
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-    # tag the wheel abi3 to match the limited-API build (cp310 = oldest supported Python)
-    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
-)
+    setup(
+        ext_modules=ext_modules,
+        cmdclass=cmdclass,
+        # tag the wheel abi3 to match the limited-API build (cp310 = oldest supported Python)
+        options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+    )

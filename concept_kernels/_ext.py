@@ -5,6 +5,12 @@ never querying CUDA). Loading it registers the ``torch.ops.concept_kernels.*`` o
 or broken the package still imports; callers check :data:`HAS_EXT` or call :func:`require_ext`, whose
 error carries the reason and the build command.
 
+Before importing ``_C`` the loader checks the facts setup.py recorded (``_build_info.py``): ``_C`` is
+refused, with the reason and the rebuild command, when it was built against another torch version
+(undefined symbols or silent ABI trouble otherwise) or for an ISA this CPU lacks (a ``-march=native``
+wheel from an AVX-512 machine on an AVX2 one: SIGILL at the first call otherwise). See
+:func:`isa_check`.
+
 ``CONCEPT_KERNELS_NO_EXT=1`` (read at first load) skips loading, to exercise the pure-Python paths.
 Module attributes ``HAS_EXT`` and ``EXT_ERROR`` are computed on first access (PEP 562).
 """
@@ -12,15 +18,23 @@ Module attributes ``HAS_EXT`` and ``EXT_ERROR`` are computed on first access (PE
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
+import platform
 import threading
 
-__all__ = ["HAS_EXT", "EXT_ERROR", "BUILD_HINT", "build_info", "ext_has_cuda", "load",
+from . import _isa
+
+__all__ = ["HAS_EXT", "EXT_ERROR", "BUILD_HINT", "build_info", "ext_has_cuda", "isa_check", "load",
            "omp_max_threads", "require_ext", "simd_bits", "wide_simd"]
 
 BUILD_HINT = (
     "build it with `pip install --no-build-isolation --no-deps -e .` in the repository root "
     "(or `make build`), using the same torch that runs the code"
+)
+PORTABLE_HINT = (
+    "or, for a build that runs on any x86-64 CPU with AVX2 and FMA, prefix that command with "
+    "CONCEPT_KERNELS_CPU_ARCH=x86-64-v3"
 )
 
 from torch.compiler import assume_constant_result  # noqa: E402  (selection under torch.compile: see load)
@@ -50,6 +64,10 @@ def _try_load() -> tuple[bool, str | None]:
         return False, "concept_kernels._C disabled by CONCEPT_KERNELS_NO_EXT=1"
     import torch  # noqa: F401  (load torch's libc10/libtorch and libgomp before _C links against them)
 
+    if _ext_present():  # a missing _C fails its import below, with that reason
+        refusal = _build_refusal(build_info(), torch.__version__)
+        if refusal is not None:
+            return False, f"concept_kernels._C refused: {refusal}"
     try:
         _import_ext()
     except ImportError as e:  # not built, or built against another torch (undefined symbol ...)
@@ -60,6 +78,54 @@ def _try_load() -> tuple[bool, str | None]:
     except Exception as e:  # noqa: BLE001  a static registration failed (e.g. duplicate schema)
         return False, f"concept_kernels._C failed while loading ({type(e).__name__}: {e}); {BUILD_HINT}"
     return True, None
+
+
+def _ext_present() -> bool:
+    try:
+        return importlib.util.find_spec("concept_kernels._C") is not None
+    except ImportError:
+        return False
+
+
+def _build_refusal(facts: dict, running_torch: str) -> str | None:
+    """Why the built ``_C`` must not be loaded here (with the way out), or None: checked before
+    importing it, since its code (static initialisers included) may use the recorded ISA."""
+    if "torch" not in facts or "isa" not in facts:
+        return ("concept_kernels/_build_info.py does not describe it (missing, written by a "
+                f"CONCEPT_KERNELS_NO_EXT=1 build, or by an older setup.py); re{BUILD_HINT}")
+    if facts["torch"] != running_torch:
+        return (f"it was built against torch {facts['torch']}, but torch {running_torch} is running; "
+                f"re{BUILD_HINT}")
+    check = isa_check(facts)
+    if check["missing"]:
+        return (f"it was compiled for -march={check['build_arch'] or '(compiler default)'}, whose "
+                f"instructions {_isa.short(check['missing'])} this CPU lacks (it would die with SIGILL); "
+                f"re{BUILD_HINT} on this machine, {PORTABLE_HINT}")
+    return None
+
+
+def isa_check(facts: dict | None = None) -> dict:
+    """The build's ISA against this CPU's.
+
+    Returns ``build_arch`` (the -march value, "" for the compiler default), ``build_isa`` (the ISA
+    macros recorded at build time), ``cpu_isa`` (the macros of :data:`_isa.ISA_FLAGS` this CPU has,
+    or None where its flags cannot be read), ``missing`` (build macros the CPU lacks) and
+    ``verdict`` (one line: ok / refused / unknown, with the reason)."""
+    facts = build_info() if facts is None else facts
+    build_isa = list(facts.get("isa") or [])
+    flags = _isa.cpu_flags()
+    cpu_isa = None if flags is None else [m for m, f in _isa.ISA_FLAGS.items() if f in flags]
+    missing = [] if flags is None else _isa.missing_isa(build_isa, flags)
+    if "isa" not in facts:
+        verdict = "unknown: no build ISA recorded"
+    elif missing:
+        verdict = f"refused: this CPU lacks {_isa.short(missing)}"
+    elif flags is None and build_isa:
+        verdict = f"unknown: this CPU's features are not readable on {platform.system()} (not checked)"
+    else:
+        verdict = "ok: this CPU has every instruction-set extension the build uses"
+    return {"build_arch": facts.get("cpu_arch"), "build_isa": build_isa, "cpu_isa": cpu_isa,
+            "missing": missing, "verdict": verdict}
 
 
 def _reset_for_tests() -> None:
@@ -133,7 +199,8 @@ def wide_simd() -> bool | None:
 
 
 def build_info() -> dict:
-    """Facts setup.py recorded at build time (torch version, with_cuda, flags); {} if never built."""
+    """Facts setup.py recorded at build time (torch version, with_cuda, flags, cpu_arch, isa); {} if
+    never built."""
     try:
         from concept_kernels._build_info import BUILD_INFO
     except ImportError:

@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from . import _backends, _ext
+from . import _backends, _ext, _isa
 from . import ops as _ops  # noqa: F401  (registers every op's backends)
 
 
@@ -31,6 +31,19 @@ def _gpu_line() -> str:
     except Exception as e:  # pragma: no cover - driver trouble
         return f"error querying CUDA ({e})"
     return "none visible"
+
+
+def _isa_lines() -> List[str]:
+    """The build's ISA, this CPU's, and the loader's verdict (nothing when no _C was built)."""
+    facts = _ext.build_info()
+    if not facts.get("ext_requested"):
+        return []
+    check = _ext.isa_check(facts)
+    march = "?" if check["build_arch"] is None else check["build_arch"] or "(compiler default)"
+    cpu = "unreadable here" if check["cpu_isa"] is None else _isa.short(check["cpu_isa"])
+    return [f"ISA: build -march={march}: {_isa.short(check['build_isa'])}",
+            f"ISA: this CPU: {cpu}",
+            f"ISA: verdict: {check['verdict']}"]
 
 
 def report() -> str:
@@ -53,6 +66,7 @@ def report() -> str:
                      f"(CONCEPT_KERNELS_WIDE_SIMD={os.environ.get('CONCEPT_KERNELS_WIDE_SIMD', '(unset: detected)')})")
     else:
         lines.append(f"extension concept_kernels._C: NOT available: {_ext.EXT_ERROR}")
+    lines.extend(_isa_lines())
     lines.append(f"GPU: {_gpu_line()}")
     lines.append(f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}   "
                  f"{_backends.ENV_VAR}={os.environ.get(_backends.ENV_VAR, '(unset: auto)')}")

@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <string>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -62,6 +63,9 @@ int64_t simd_bits() {
 #endif
 }
 
+// The ISA macros this library was compiled with (cpu_features.h), e.g. "__SSE3__ ... __AVX2__ __FMA__".
+std::string build_isa() { return compiled_isa(); }
+
 // Whether the CPU kernels take their wide-vector paths now (common/cpu_features.h: AVX-512 at full
 // width, or CONCEPT_KERNELS_WIDE_SIMD).
 bool wide_simd_now() { return wide_simd(); }
@@ -75,6 +79,7 @@ TORCH_LIBRARY(concept_kernels, m) {
   m.def("with_cuda() -> bool", &concept_kernels::with_cuda);
   m.def("simd_bits() -> int", &concept_kernels::simd_bits);
   m.def("wide_simd() -> bool", &concept_kernels::wide_simd_now);
+  m.def("build_isa() -> str", &concept_kernels::build_isa);
 
   // Op schemas go here, one block per op.
 

@@ -55,4 +55,28 @@ inline bool wide_simd() {
   throw std::invalid_argument(std::string("CONCEPT_KERNELS_WIDE_SIMD must be 0, 1 or unset, got '") + e + "'");
 }
 
+// The ISA macros this translation unit was compiled with (space-separated), for the test that the
+// facts setup.py recorded (concept_kernels/_isa.py asks the compiler the same question; the Python
+// loader checks them against the CPU BEFORE loading this library) match what was really compiled.
+// A macro that is defined (as 1) stringifies to its value, an undefined one to its own name.
+#define CK_ISA_STR_(x) #x
+#define CK_ISA_STR(x) CK_ISA_STR_(x)
+#define CK_ISA(m) if (std::strcmp(CK_ISA_STR(m), #m) != 0) out += (out.empty() ? "" : " ") + std::string(#m);
+inline std::string compiled_isa() {
+  std::string out;
+  CK_ISA(__SSE3__) CK_ISA(__SSSE3__) CK_ISA(__SSE4_1__) CK_ISA(__SSE4_2__) CK_ISA(__SSE4A__)
+  CK_ISA(__POPCNT__) CK_ISA(__LZCNT__) CK_ISA(__ABM__) CK_ISA(__LAHF_SAHF__) CK_ISA(__MOVBE__)
+  CK_ISA(__PCLMUL__) CK_ISA(__AES__) CK_ISA(__AVX__) CK_ISA(__AVX2__) CK_ISA(__FMA__) CK_ISA(__FMA4__)
+  CK_ISA(__F16C__) CK_ISA(__BMI__) CK_ISA(__BMI2__) CK_ISA(__ADX__) CK_ISA(__SHA__) CK_ISA(__RDRND__)
+  CK_ISA(__RDSEED__) CK_ISA(__GFNI__) CK_ISA(__VAES__) CK_ISA(__VPCLMULQDQ__) CK_ISA(__AVXVNNI__)
+  CK_ISA(__AVX512F__) CK_ISA(__AVX512CD__) CK_ISA(__AVX512DQ__) CK_ISA(__AVX512BW__)
+  CK_ISA(__AVX512VL__) CK_ISA(__AVX512IFMA__) CK_ISA(__AVX512VBMI__) CK_ISA(__AVX512VBMI2__)
+  CK_ISA(__AVX512VNNI__) CK_ISA(__AVX512BITALG__) CK_ISA(__AVX512VPOPCNTDQ__) CK_ISA(__AVX512BF16__)
+  CK_ISA(__AVX512FP16__) CK_ISA(__AVX512VP2INTERSECT__)
+  return out;
+}
+#undef CK_ISA
+#undef CK_ISA_STR
+#undef CK_ISA_STR_
+
 }  // namespace concept_kernels

@@ -26,13 +26,18 @@ STOPS = ("problem", "row", "all")
 LP_TOL = 0.05  # log-plan slack for fp32 near-ties (fp32 rounding + a stop one iteration apart)
 
 
-@pytest.fixture(params=["narrow", "wide"])
+# The vector paths of the float32 CPU forward that this build has: "narrow" (8-problem lane groups;
+# cost GEMM by column groups below 90% of a chunk's groups: Zen 4, AVX2) in every build, "wide"
+# (16-problem lane groups; dense GEMM from 45%: AVX-512 at full width) only in AVX-512 builds. Each
+# machine runs the paths it has (an AVX2 build runs its narrow path; nothing is skipped for lack of
+# the wide one): build with CONCEPT_KERNELS_CPU_ARCH=x86-64-v3 to run the AVX2 side anywhere.
+SIMD_PATHS = ("narrow", "wide") if _ext.simd_bits() == 512 else ("narrow",)
+
+
+@pytest.fixture(params=SIMD_PATHS)
 def simd_path(request, monkeypatch):
-    """Both vector paths of the float32 CPU forward, whichever this CPU would pick: "narrow"
-    (8-problem lane groups; cost GEMM by column groups below 90% of a chunk's groups: Zen 4, AVX2)
-    and "wide" (16-problem lane groups; dense GEMM from 45%: AVX-512 at full width)."""
-    if request.param == "wide" and _ext.simd_bits() != 512:
-        pytest.skip(f"this build's CPU vectors are {_ext.simd_bits()}-bit: its CPU forward has no wide path")
+    """Each vector path of the float32 CPU forward that this build has, whichever this CPU would
+    pick (see SIMD_PATHS)."""
     monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", "1" if request.param == "wide" else "0")
     return request.param
 
@@ -434,25 +439,36 @@ def test_gemm_computes_the_columns_each_bank_row_needs(layout, batch, patches):
 
 
 @needs_ext
-def test_wide_and_narrow_paths_agree_bitwise(monkeypatch):
-    """Each lane computes its problem with the same operations whatever the group width, and the
-    dense and column-group GEMMs sum each similarity in the same k order: the two vector paths of
-    the float32 forward give bitwise the same results (random index: the narrow path skips columns;
-    P = 9 and the runtime-P form; a partial lane group)."""
-    if _ext.simd_bits() != 512:
-        pytest.skip(f"this build's CPU vectors are {_ext.simd_bits()}-bit: its CPU forward has no wide path")
-    cases = [(8, 400, 420, 9, 64, 0), (5, 300, 400, 12, 37, 3), (2, 37, 6, 16, 13, 11)]
-    results = {}
-    for wide in ("0", "1"):
+@pytest.mark.parametrize("path", SIMD_PATHS)
+def test_vector_paths_and_gemms_agree_bitwise(path, monkeypatch):
+    """Each lane computes its problem with the same operations whatever the group width and its
+    group partners, and the dense and column-group GEMMs sum each similarity in the same k order: the
+    float32 forward gives bitwise the results of the narrow path on a random index (column groups
+    where a query meets few bank rows) both on that index and on one where every query also indexes
+    every bank row (dense GEMM), on each vector path this build has (the wide one against the
+    narrow). P = 9 and the runtime-P form; a partial lane group; a bank every query meets."""
+    cases = [(8, 400, 420, 9, 64, 0), (8, 200, 400, 9, 64, 5), (5, 300, 400, 12, 37, 3),
+             (2, 37, 6, 16, 13, 11)]
+
+    def run(wide, dense):
         monkeypatch.setenv("CONCEPT_KERNELS_WIDE_SIMD", wide)
-        results[wide] = []
+        results = []
         for B, M, R, P, D, seed in cases:
             q, b, i = ot_problem(B, M, R, patches=P, dim=D, seed=seed, dtype=torch.float32)
             choice = torch.randint(3, (B, M), generator=torch.Generator().manual_seed(seed))
+            if dense:  # the same problems first, then every bank row for every query
+                i = torch.cat([i, torch.arange(R).expand(B, R)], dim=1)
+                choice = torch.cat([choice, torch.zeros(B, R, dtype=torch.long)], dim=1)
             for select, k, ch in (("topk", 10, None), ("sample", 3, choice), ("cost", 1, None)):
-                results[wide].append(_fwd(q, b, i, select, k, ch))
-    for (out0, aux0), (out1, aux1) in zip(results["0"], results["1"]):
-        assert torch.equal(aux0, aux1) and torch.equal(out0, out1)
+                out, aux = _fwd(q, b, i, select, k, ch)
+                results.append((out[:, :M], aux[:, :M]))
+        return results
+
+    want = run("0", dense=False)
+    wide = "1" if path == "wide" else "0"
+    for got in ([] if path == "narrow" else [run(wide, dense=False)]) + [run(wide, dense=True)]:
+        for (out0, aux0), (out1, aux1) in zip(want, got, strict=True):
+            assert torch.equal(aux0, aux1) and torch.equal(out0, out1)
 
 
 @needs_ext
