@@ -11,7 +11,8 @@ What gets built (environment variables, read at build time):
                                   CONCEPT_KERNELS_NO_CUDA is unset; archs from TORCH_CUDA_ARCH_LIST,
                                   default "8.0;9.0" when unset and no GPU is visible. The build
                                   FAILS at once when torch has CUDA but the CUDA toolkit (nvcc,
-                                  libcudart.so) is missing: CONCEPT_KERNELS_NO_CUDA=1 builds C++ only
+                                  libcudart.so) is missing: C++ only, the reason recorded for `info`
+                                  (an isolated build refuses: its torch is not the one that will run)
     CONCEPT_KERNELS_DEBUG=1    -> -O0 -g (-G for nvcc) instead of -O3 -g0
     MAX_JOBS                   -> parallel compile jobs (ninja)
 Build facts are written to concept_kernels/_build_info.py (generated, gitignored): the torch version
@@ -79,9 +80,15 @@ def _cuda_toolkit_problem(cuda_home):
     return None
 
 
+def _isolated(torch) -> bool:
+    """Whether ``torch`` comes from pip's isolated build environment (not the torch that will run us)."""
+    where = os.path.dirname(torch.__file__)
+    return "pip-build-env" in where or "build-env-" in where
+
+
 def _cuda_refusal(torch, problem):
     where = os.path.dirname(torch.__file__)
-    isolated = "pip-build-env" in where or "build-env-" in where
+    isolated = _isolated(torch)
     return (
         f"concept_kernels: torch {torch.__version__} (from {where}) has CUDA {torch.version.cuda}, "
         f"but the CUDA sources cannot be built: {problem}.\n"
@@ -134,7 +141,13 @@ def extensions():
     cu_sources = _sources("*.cu")
     want_cuda = bool(torch.version.cuda) and bool(cu_sources) and not _flag("CONCEPT_KERNELS_NO_CUDA")
     if want_cuda and (problem := _cuda_toolkit_problem(cpp_extension.CUDA_HOME)):
-        sys.exit(_cuda_refusal(torch, problem))  # early and loud: pip hides a printed warning
+        if _isolated(torch):  # building against a torch pip downloaded for the build: refuse, early and loud
+            sys.exit(_cuda_refusal(torch, problem))
+        # the torch that will run the package, without a toolkit (e.g. a GPU box with a pip torch and no
+        # nvcc): C++ ops only; pip hides this line, so the reason is recorded for `concept_kernels.info`
+        print(_cuda_refusal(torch, problem) + "\n  -> building the C++ ops only", file=sys.stderr)
+        facts["cuda_skipped"] = problem
+        want_cuda = False
     facts.update(torch=torch.__version__, torch_cuda=torch.version.cuda, debug=debug, cxx_flags=cxx,
                  cpu_arch=cpu_arch, isa=_compile_isa(cxx))
 

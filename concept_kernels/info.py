@@ -58,6 +58,8 @@ def report() -> str:
         target = arch[0] if arch else "the compiler's default -march"
         lines.append(f"extension concept_kernels._C: built (CPU kernels for {target}; "
                      f"CUDA kernels: {'yes' if _ext.ext_has_cuda() else 'no'})")
+        if _ext.build_info().get("cuda_skipped"):
+            lines.append(f"  CUDA kernels not built: {_ext.build_info()['cuda_skipped']}")
         try:
             wide = "yes" if _ext.wide_simd() else "no"
         except ValueError as e:  # a bad CONCEPT_KERNELS_WIDE_SIMD: the kernels would raise it too

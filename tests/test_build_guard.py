@@ -211,16 +211,27 @@ def test_cuda_toolkit_problems_are_named(setup_py, tmp_path):
     assert setup_py._cuda_toolkit_problem(str(tmp_path)) is None
 
 
-def test_cuda_torch_without_toolkit_fails_the_build_early(setup_py, tmp_path, monkeypatch):
+def test_cuda_torch_without_toolkit(setup_py, tmp_path, monkeypatch, capsys):
+    """The running torch has CUDA but no toolkit is installed: C++ ops only, the reason recorded (pip hides
+    the printed line); a torch from pip's isolated build environment: the build fails early."""
     from torch.utils import cpp_extension
 
     monkeypatch.setattr(torch.version, "cuda", "12.8")
     monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     monkeypatch.delenv("CONCEPT_KERNELS_NO_EXT", raising=False)
     monkeypatch.delenv("CONCEPT_KERNELS_NO_CUDA", raising=False)
+    (ext,), _, facts = setup_py.extensions()
+    assert not any(s.endswith(".cu") for s in ext.sources) and facts["with_cuda"] is False
+    assert "no CUDA toolkit found" in facts["cuda_skipped"]
+    assert "has CUDA 12.8" in capsys.readouterr().err
+    monkeypatch.setattr(setup_py, "_isolated", lambda t: True)
     with pytest.raises(SystemExit) as e:
         setup_py.extensions()
     assert "has CUDA 12.8" in str(e.value) and "CONCEPT_KERNELS_NO_CUDA=1" in str(e.value)
+    assert "isolated build environment" in str(e.value)
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
     monkeypatch.setenv("CONCEPT_KERNELS_NO_CUDA", "1")  # the documented way to build the C++ ops only
     monkeypatch.setenv("CONCEPT_KERNELS_CPU_ARCH", "x86-64-v3")
     (ext,), _, facts = setup_py.extensions()
