@@ -158,26 +158,29 @@ def test_ot_similarity(benchmark, bench, shape, mode, provider):
     if shape.index == "classes":
         index = _class_index(shape, device)
     iters = _iterations(shape, query, bank, index)
-    kw = _kwargs(shape)
-    impl = _provider_fn(provider)
-    setup = None
-    if mode == "fwd":
-        def fn():
-            return impl(query, bank, index, **kw)
-    else:
-        query.requires_grad_(True)
-        w = torch.randn(shape.B, shape.M, OT_K, generator=torch.Generator().manual_seed(1)).to(device)
-
-        def setup():
-            query.grad = None
-
-        def fn():
-            (impl(query, bank, index, **kw) * w).sum().backward()
-
+    fn, setup = _timed_call(_provider_fn(provider), mode, query, bank, index, _kwargs(shape))
     graphs0 = _dynamo_counts()
     after = (lambda: _dynamo_delta(graphs0)) if provider.startswith("compile") else None
     bench.run(benchmark, fn, op=OP, provider=provider, mode=mode, shape=shape, device=device, dtype=DTYPE,
               rounds=rounds(shape), setup=setup, extra=dict(iters), after_warmup=after)
+
+
+def _timed_call(impl, mode, query, bank, index, kw):
+    """(fn, setup) of one timed call: the forward, or forward + backward of ``(out * w).sum()`` with a
+    fixed random ``w`` (setup clears query's gradient)."""
+    if mode == "fwd":
+        return (lambda: impl(query, bank, index, **kw)), None
+    query.requires_grad_(True)
+    B, M = index.shape
+    w = torch.randn(B, M, OT_K, generator=torch.Generator().manual_seed(1)).to(query.device)
+
+    def setup():
+        query.grad = None
+
+    def fn():
+        (impl(query, bank, index, **kw) * w).sum().backward()
+
+    return fn, setup
 
 
 def _dynamo_counts() -> dict:
@@ -247,22 +250,8 @@ def test_ot_similarity_stop_rules(benchmark, bench, mode, stop, provider):
     device = bench.device(OP, mode, shape, provider)
     bench.require(OP, provider, mode, shape, device, benchmark)
     query, bank, index = ot_problem(shape.B, shape.M, shape.bank_rows, shape.P, shape.D, seed=0, dtype=DTYPE)
-    kw = dict(select=OT_SELECT, k=OT_K, stop=stop, **OT_SINKHORN)
-    impl = _provider_fn(provider)
-    setup = None
-    if mode == "fwd":
-        def fn():
-            return impl(query, bank, index, **kw)
-    else:
-        query.requires_grad_(True)
-        w = torch.randn(shape.B, shape.M, OT_K, generator=torch.Generator().manual_seed(1))
-
-        def setup():
-            query.grad = None
-
-        def fn():
-            (impl(query, bank, index, **kw) * w).sum().backward()
-
+    fn, setup = _timed_call(_provider_fn(provider), mode, query, bank, index,
+                            dict(select=OT_SELECT, k=OT_K, stop=stop, **OT_SINKHORN))
     iters = _iterations(dataclasses.replace(shape, id=f"{shape.id}_{stop}", stop=stop), query, bank, index)
     bench.run(benchmark, fn, op=OP, provider=f"{provider}:{stop}", mode=mode, shape=shape, device=device,
               dtype=DTYPE, rounds=rounds(shape), setup=setup, extra=dict(iters))
