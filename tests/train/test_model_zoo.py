@@ -113,3 +113,15 @@ def test_unsupported_outputs_name_the_model():
         ConceptTuner(Sequence(), 5, (32, 32))
     with pytest.raises(ValueError, match="expected 1 prefix"):
         to_feature_map(_Tokens(1, grid=(3, 4)), torch.zeros(1, 1 + 11, 2), (24, 32))
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224"])
+def test_roi_mode_on_token_maps(name):
+    """roi mode (RoIAlign of the view's map) on a transformer's token map: same losses and gradients exist."""
+    size, kw, (C, h, w) = ZOO[name]
+    net = ConceptTuner(_backbone(name, **kw), 5, (size, size), patch_mode="roi", num_patches=4, num_confusing=3,
+                       queue_len=4)
+    out = net.step(torch.randn(2, 6, 3, size, size), torch.tensor([0, 1, 2, 3, 4, 0]))
+    assert all(torch.isfinite(out[k]) and out[k] != 0 for k in ("con", "img", "ce_ib"))
+    out["loss"].backward()
+    assert next(net.backbone.parameters()).grad.abs().sum() > 0
