@@ -104,8 +104,9 @@ def table_rows(results: dict) -> list[str]:
     rows = ["| task | shots/class | method | seeds | acc main | acc IB | best (published) | main - vanilla "
             "[95% CI] | best - vanilla [95% CI] | s/run |",
             "|---|---|---|---|---|---|---|---|---|---|"]
+    order = ["vanilla", *(m for m in METHODS if m != "vanilla")]  # the baseline of the differences first
     for (task, shots, method), by_seed in sorted(results.items(), key=lambda kv: (
-            kv[0][0], kv[0][1], METHODS.index(kv[0][2]))):
+            kv[0][0], kv[0][1], order.index(kv[0][2]))):
         seeds = sorted(by_seed)
         cols = {k: [by_seed[s][k] for s in seeds] for k in METRICS if k in by_seed[seeds[0]]}
         base = results.get((task, shots, "vanilla"), {})
@@ -116,8 +117,8 @@ def table_rows(results: dict) -> list[str]:
                 diffs.append("—")
                 continue
             m, lo, hi = paired_ci([by_seed[s][k] for s in paired], [base[s][k] for s in paired])
-            diffs.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]" + (" (n={})".format(len(paired))
-                                                               if len(paired) != len(seeds) else ""))
+            ci = f"[{lo:+.3f}, {hi:+.3f}]" if len(paired) > 1 else "[no CI: 1 seed]"
+            diffs.append(f"{m:+.3f} {ci}" + (f" (n={len(paired)})" if len(paired) != len(seeds) else ""))
         wall = stats([by_seed[s]["wall"] for s in seeds])[0]
         rows.append(f"| {task} | {'all' if shots <= 0 else shots} | {method} | {len(seeds)} | "
                     f"{fmt(*stats(cols['main']))} | {fmt(*stats(cols['ib'])) if 'ib' in cols else '—'} | "
