@@ -219,3 +219,21 @@ def test_bad_requests_raise_clearly(monkeypatch):
         ck.channel_attention(x, torch.zeros(2), backend="cpu")
     with pytest.raises(ValueError, match="all tensors must be on the same device"):
         ck.channel_attention(x, gm, backend="cpu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_nonfinite_input_shows_in_the_output(backend, value):
+    """One inf/NaN in image 1 makes image 1's output NaN, as the eager form does (inf - inf in the
+    energies), and leaves image 0's output and gradients as without it; no kernel ranks it away."""
+    x, gamma, _ = _case((2, 16, 3, 3), torch.float32)
+    clean = ck.channel_attention(x, gamma, backend=backend)
+    bad = x.detach().clone()
+    bad[1, 3, 1, 2] = value
+    eager = ck.channel_attention(bad, gamma, backend="reference")
+    bad.requires_grad_(True)
+    out = ck.channel_attention(bad, gamma, backend=backend)
+    assert torch.isnan(eager[1]).all() and torch.isnan(out[1]).all()
+    assert_close(out[0], clean[0], name=f"{backend} image 0 next to a non-finite image")
+    out[0].sum().backward()
+    assert torch.isfinite(bad.grad[0]).all()

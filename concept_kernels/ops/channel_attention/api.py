@@ -66,4 +66,12 @@ def channel_attention(x: torch.Tensor, gamma: torch.Tensor, *, backend: Optional
     impl = _backends.select(OP, x.device, backend)
     if impl.name == "reference":
         return channel_attention_ref(x, gamma)
-    return channel_attention_fused(x, gamma, impl.impl, input_precision)
+    return _nan_where_nonfinite(x, channel_attention_fused(x, gamma, impl.impl, input_precision))
+
+
+def _nan_where_nonfinite(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """out[b] = NaN wherever x[b] holds a NaN or inf, as the eager form gives (inf - inf in the energies):
+    a fused kernel's online softmax could otherwise rank an inf away and return finite garbage. One
+    read of x and one of out, no host sync; gradients of the other images are untouched."""
+    bad = ~torch.isfinite(x).flatten(1).all(dim=1)  # (B,)
+    return out + torch.where(bad, float("nan"), 0.0).to(out.dtype).view(-1, 1, 1, 1)
