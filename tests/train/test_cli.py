@@ -46,6 +46,15 @@ def _env() -> dict:
     return dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
 
 
+def run_module_without(blocked: str, module: str, argv: list[str]) -> tuple[int, list[str]]:
+    """Run ``python -m module *argv`` in a child where importing ``blocked`` fails; (exit code, stderr lines)."""
+    code = (f"import sys, runpy; sys.modules[{blocked!r}] = None; sys.argv = [{module!r}, *{argv!r}]; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=300)
+    return proc.returncode, proc.stderr.strip().splitlines()
+
+
 # ---- 1. --shots-per-class: 10 for the built-in few-shot tasks, all of an ImageFolder --------------
 
 def test_shots_default_depends_on_the_data(tmp_path, capsys):
@@ -224,11 +233,6 @@ def test_help_has_text_and_default_for_every_flag():
 # ---- 6. a missing optional dependency: one line naming the extra ---------------------------------
 
 def test_missing_timm_is_one_line(tmp_path):
-    code = ("import sys, runpy; sys.modules['timm'] = None; "
-            f"sys.argv = ['concept_kernels.train', *{TINY + ['--out', str(tmp_path / 'run')]!r}]; "
-            "runpy.run_module('concept_kernels.train', run_name='__main__', alter_sys=True)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    rc, err = run_module_without("timm", "concept_kernels.train", TINY + ["--out", str(tmp_path / "run")])
+    assert rc == 2 and len(err) == 1, err
     assert "'timm'" in err[0] and "pip install 'concept_kernels[train]'" in err[0] and "whl/cpu" in err[0]

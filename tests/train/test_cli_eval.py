@@ -1,13 +1,12 @@
 """After training (issue #14): best.pt by the published protocol, ``load_tuner`` and
 ``python -m concept_kernels.train.eval`` (per-head accuracy, confusion matrices, JSON, PNG)."""
 import json
-import subprocess
 import sys
 
 import pytest
 import torch
 from conftest import tiny_config
-from test_cli import ROOT, _env
+from test_cli import run_module_without
 
 from concept_kernels.train import run
 from concept_kernels.train.eval import load_tuner, main
@@ -117,14 +116,9 @@ def test_eval_errors(trained, tmp_path, capsys):
 
 def test_missing_matplotlib_is_one_line_after_the_json(trained, tmp_path):
     report = tmp_path / "report"
-    code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
-            f"sys.argv = ['eval', '--run', {trained.out!r}, '--test-limit', '8', '--threads', '1', "
-            f"'--out', {str(report)!r}]; "
-            "runpy.run_module('concept_kernels.train.eval', run_name='__main__', alter_sys=True)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=300)
-    err = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(err) == 1, proc.stderr
+    rc, err = run_module_without("matplotlib", "concept_kernels.train.eval",
+                                 ["--run", str(trained.out), "--test-limit", "8", "--threads", "1", "--out", str(report)])
+    assert rc == 2 and len(err) == 1, err
     assert "'matplotlib'" in err[0] and "pip install 'concept_kernels[train]'" in err[0] and "--no-plot" in err[0]
     assert json.loads((report / "eval_best.json").read_text())["n_test"] == 8
     assert not (report / "confusion_best.png").exists()
