@@ -1,7 +1,6 @@
 """After training (issue #14): best.pt by the published protocol, ``load_tuner`` and
 ``python -m concept_kernels.train.eval`` (per-head accuracy, confusion matrices, JSON, PNG)."""
 import json
-import sys
 
 import pytest
 import torch
