@@ -25,11 +25,24 @@ def method_settings(cfg, model) -> str:
     return f"{model.method} ({', '.join(parts)})" if parts else model.method
 
 
+def weight_decay_note(cfg, optimizer: torch.optim.Optimizer | None) -> str:
+    """``weight decay 0.0005``, or per group where the method's groups differ from ``cfg.weight_decay``
+    (e.g. ``weight decay 0 (backbone), 0 (heads): set by the method; --weight-decay 0.0005 unused``)."""
+    groups = optimizer.param_groups if optimizer is not None else []
+    used = [(g.get("name", f"group {i}"), g["weight_decay"]) for i, g in enumerate(groups)]
+    if all(wd == cfg.weight_decay for _, wd in used):
+        return f"weight decay {cfg.weight_decay:g}"
+    per_group = ", ".join(f"{wd:g} ({name})" for name, wd in used)
+    return f"weight decay {per_group}: set by the method (--weight-decay {cfg.weight_decay:g})"
+
+
 def startup_summary(cfg, *, data: str, shots_note: str, n_train: int, n_test: int, classes: int, model,
                     device: torch.device, world: int, threads: tuple[int, str], workers: tuple[int, str],
-                    steps: int, backbone_mult: float, tensorboard_note: str) -> str:
+                    steps: int, backbone_mult: float, tensorboard_note: str,
+                    optimizer: torch.optim.Optimizer | None = None) -> str:
     """The lines printed once at start-up: data, model, parameters, method, optimizer, device, threads,
-    steps and outputs."""
+    steps and outputs. The weight decay shown is the one ``optimizer``'s groups use (a method may override
+    ``cfg.weight_decay``, e.g. L2-SP runs without it)."""
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     limit = f" (the first {n_test}: --test-limit)" if cfg.test_limit > 0 else ""
@@ -42,7 +55,7 @@ def startup_summary(cfg, *, data: str, shots_note: str, n_train: int, n_test: in
         f"parameters: {total:,} total, {trainable:,} trainable",
         f"method: {method_settings(cfg, model)}",
         f"optimizer: SGD lr {cfg.lr:g} (backbone x{backbone_mult:g}), momentum {cfg.momentum:g}"
-        f"{' nesterov' if cfg.nesterov else ''}, weight decay {cfg.weight_decay:g}, {sched}",
+        f"{' nesterov' if cfg.nesterov else ''}, {weight_decay_note(cfg, optimizer)}, {sched}",
         f"device: {device}{f' x {world} ranks' if world > 1 else ''}; torch threads: {threads[0]} ({threads[1]}); "
         f"data workers: {workers[0]} ({workers[1]})",
         f"steps: {steps} per epoch x {cfg.epochs} epochs = {steps * cfg.epochs} (batch {cfg.batch_size}"

@@ -355,7 +355,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
             print(startup_summary(cfg, data=cfg.data or "builtin:digits", shots_note=shots_note,
                                   n_train=len(train_set), n_test=len(test_set), classes=len(names), model=model,
                                   device=device, world=world, threads=threads, workers=workers, steps=steps,
-                                  backbone_mult=backbone_lr_mult(cfg), tensorboard_note=tensorboard.note), flush=True)
+                                  backbone_mult=backbone_lr_mult(cfg), tensorboard_note=tensorboard.note,
+                                  optimizer=opt), flush=True)
             write_json(out / CONFIG_JSON, conf)
         best_acc = max((r["acc"] for r in history if "acc" in r), default=float("-inf"))
 

@@ -164,6 +164,7 @@ def test_summary_config_csv_and_tensorboard(tmp_path, capsys, monkeypatch):
     assert "40 test images" in printed and "10 classes" in printed
     assert "torch threads: 1 (given)" in printed and "steps: 1 per epoch x 2 epochs = 2" in printed
     assert "method: concept (P=4 patches" in printed and "N_conf=3" in printed and "K=4" in printed
+    assert "weight decay 0.0005, " in printed  # the optimizer's groups use --weight-decay
 
     from concept_kernels.train.eval import load_tuner
 
@@ -188,6 +189,14 @@ def test_summary_config_csv_and_tensorboard(tmp_path, capsys, monkeypatch):
     assert Path(writer.log_dir) == out / "tensorboard" and writer.closed
     expected = [(k, v, row["epoch"]) for row in rows for k, v in row.items() if k != "epoch"]
     assert writer.scalars == expected
+
+
+def test_summary_shows_the_weight_decay_the_method_sets(tmp_path, capsys):
+    """L2-SP trains without weight decay: the summary prints what the optimizer uses, not --weight-decay."""
+    args = TINY + ["--method", "l2sp", "--shots-per-class", "2", "--epochs", "1", "--out", str(tmp_path / "r")]
+    assert main(args) == 0
+    (line,) = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("optimizer:")]
+    assert "weight decay 0 (backbone), 0 (heads): set by the method (--weight-decay 0.0005)" in line
 
 
 def test_tensorboard_absent_is_a_note(tmp_path, monkeypatch):
