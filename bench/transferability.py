@@ -156,12 +156,15 @@ def task_section(task: str, results: dict, models, seeds: int, metric: str) -> t
     for hi, lo in zip(by_acc, by_acc[1:]):
         mean, a, b = paired_ci([results[(task, hi)][s]["ft"][metric] for s in range(seeds)],
                                [results[(task, lo)][s]["ft"][metric] for s in range(seeds)])
-        resolved.append(f"{hi} - {lo}: {mean:+.3f} [{a:+.3f}, {b:+.3f}]" + (" (resolved)" if a > 0 else
-                                                                             " (NOT resolved: the interval holds 0)"))
+        verdict = ("no interval: 1 seed" if math.isnan(a) else "resolved" if a > 0 or b < 0
+                   else "NOT resolved: the interval holds 0")
+        ci = "" if math.isnan(a) else f" [{a:+.3f}, {b:+.3f}]"
+        resolved.append(f"{hi} - {lo}: {mean:+.3f}{ci} ({verdict})")
     top_kite, top_acc = max(models, key=lambda m: kite_mean[m]), by_acc[0]
-    lines += ["", f"- Spearman rho (mean KITE vs mean `{metric}` accuracy over the {len(models)} models): **{rho:+.2f}**; "
-              f"per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.",
-              f"- KITE's top model: {top_kite}; best fine-tuned: {top_acc} ({'same' if top_kite == top_acc else 'different'}).",
+    same = "same" if top_kite == top_acc else "different"
+    lines += ["", f"- Spearman rho (mean KITE vs mean `{metric}` accuracy over the {len(models)} models): "
+              f"**{rho:+.2f}**; per seed: {', '.join(f'{r:+.2f}' for r in rhos)}.",
+              f"- KITE's top model: {top_kite}; best fine-tuned: {top_acc} ({same}).",
               f"- Accuracy ranking, adjacent models, paired difference [95% t interval over {seeds} seeds]: "
               + "; ".join(resolved) + "."]
     return lines + [""], rhos

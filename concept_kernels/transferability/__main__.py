@@ -76,7 +76,8 @@ def _parse_models(text: str) -> list[str]:
     for m in models:
         if not timm.is_model(m):
             close = timm.list_models(f"*{m[:6]}*")[:8]
-            raise ValueError(f"--models: unknown timm model {m!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+            hint = f"; similar: {', '.join(close)}" if close else ""
+            raise ValueError(f"--models: unknown timm model {m!r}{hint}")
     return models
 
 

@@ -199,10 +199,30 @@ def test_cli_errors(tmp_path, monkeypatch, capsys):
              (["--models", "resnet18,resnet18"], "each model once"),
              (["--models", " , "], "expected comma-separated timm model names"),
              (["--models", "resnet18", "--allow-random", "--data", "builtin:letters"], "unknown built-in data"),
-             (["--models", "resnet18", "--allow-random", "--data", str(tmp_path / "nowhere")], "expected an ImageFolder"),
+             (["--models", "resnet18", "--allow-random", "--data", str(tmp_path / "nowhere")],
+              "expected an ImageFolder"),
              (["--models", "resnet18", "--batch-size", "0"], "--batch-size must be >= 1")]
     for argv, message in cases:
         assert main([*SMALL, *argv]) == 2, argv  # (the last --batch-size wins)
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and len(err.splitlines()) == 1, err
         assert re.search(message, err), (message, err)
+
+
+def test_cli_scores_an_image_folder(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            (tmp_path / "data" / split / c).mkdir(parents=True)
+            for i in range(3):
+                px = torch.randint(0, 255, (20, 20, 3), generator=g, dtype=torch.uint8).numpy()
+                Image.fromarray(px).save(tmp_path / "data" / split / c / f"{i}.png")
+    out = tmp_path / "k.json"
+    assert main(["--data", str(tmp_path / "data"), "--models", "resnet18", "--allow-random", "--json", str(out),
+                 *SMALL]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["images"] == 6 and rec["ranking"][0]["feature_dim"] == 512  # all 3 (< shots) of both classes
+    assert math.isfinite(rec["ranking"][0]["kite"]) and "6 training images" in capsys.readouterr().out

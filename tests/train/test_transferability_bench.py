@@ -21,7 +21,8 @@ def bench():
 def test_spearman_matches_scipy(bench):
     from scipy.stats import spearmanr
 
-    cases = [([0.1, 0.5, 0.3], [1.0, 3.0, 2.0]), ([0.1, 0.5, 0.3], [3.0, 1.0, 2.0]), ([1, 2, 2, 4], [0.3, 0.1, 0.2, 0.9]),
+    cases = [([0.1, 0.5, 0.3], [1.0, 3.0, 2.0]), ([0.1, 0.5, 0.3], [3.0, 1.0, 2.0]),
+             ([1, 2, 2, 4], [0.3, 0.1, 0.2, 0.9]),
              ([3, 1, 2, 5, 4], [30, 10, 25, 40, 45])]
     for a, b in cases:
         assert bench.spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12), (a, b)
