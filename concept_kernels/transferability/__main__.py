@@ -94,6 +94,8 @@ def rank_models(args: argparse.Namespace, cache_dir: str | None = None) -> tuple
     cfg = Config(data=args.data, shots_per_class=args.shots_per_class, image_size=args.image_size, seed=args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" \
         else torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available here (use --device cpu or auto)")
     bar = tqdm(desc="KITE", unit="batch", disable=not args.progress)
     sizes = []
 

@@ -14,7 +14,6 @@ transfer better: features that separate the target classes and are unlike random
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import torch
@@ -36,6 +35,14 @@ def _matrix(name: str, value, rows: int | None = None) -> torch.Tensor:
     return t.detach().to("cpu", torch.float64)
 
 
+def _centred_unit_scale(t: torch.Tensor) -> torch.Tensor:
+    """Columns centred, then divided by the largest |entry| (CKA is scale invariant; this keeps the
+    fourth powers in the Frobenius norms finite for features near 1e+-80). Non-finite input stays so."""
+    t = t - t.mean(0)
+    peak = t.abs().max()
+    return t / peak if bool(torch.isfinite(peak)) and peak > 0 else t
+
+
 def linear_cka(x, y) -> float:
     """Linear CKA of two representations of the same examples, in float64.
 
@@ -43,10 +50,14 @@ def linear_cka(x, y) -> float:
     [0, 1]; 1 when y is an isotropic scaling / orthogonal transform / translation of x. NaN when x or y
     holds a NaN or inf. ValueError when a representation is constant over the examples (CKA undefined).
     """
-    x = _matrix("x", x)
-    y = _matrix("y", y, rows=x.shape[0])
-    x = x - x.mean(0)
-    y = y - y.mean(0)
+    return _cka(x, y, "x", "y")
+
+
+def _cka(x, y, x_name: str, y_name: str) -> float:
+    """:func:`linear_cka` with errors naming the caller's arguments."""
+    x = _matrix(x_name, x)
+    y = _matrix(y_name, y, rows=x.shape[0])
+    x, y = _centred_unit_scale(x), _centred_unit_scale(y)
     n, d1, d2 = x.shape[0], x.shape[1], y.shape[1]
     if n * n * (d1 + d2) < n * (d1 * d2 + d1 * d1 + d2 * d2):  # Gram form: K = X X^T (n, n)
         k, l = x @ x.T, y @ y.T
@@ -54,7 +65,7 @@ def linear_cka(x, y) -> float:
     else:  # feature form: ||Y^T X||^2 / (||X^T X|| ||Y^T Y||)
         cross = (y.T @ x).square().sum()
         self_x, self_y = (x.T @ x).square().sum().sqrt(), (y.T @ y).square().sum().sqrt()
-    for name, s in (("x", self_x), ("y", self_y)):
+    for name, s in ((x_name, self_x), (y_name, self_y)):
         if s == 0:
             raise ValueError(f"{name} is the same for all {n} examples (zero variance): its CKA is undefined")
     return float(cross / (self_x * self_y))
@@ -102,10 +113,13 @@ def kite_score(features, labels, random_features, num_classes: int | None = None
     A NaN/inf in the features gives NaN; ValueError for constant features or orthogonal (CKA 0) random
     features.
     """
-    target = linear_cka(features, one_hot(labels, num_classes))
-    random = linear_cka(features, _matrix("random_features", random_features, rows=len(labels)))
+    features, y = _matrix("features", features), one_hot(labels, num_classes)
+    if y.shape[0] != features.shape[0]:
+        raise ValueError(f"labels must have one entry per row of features ({features.shape[0]}), got "
+                         f"{y.shape[0]}")
+    target = _cka(features, y, "features", "one-hot labels")
+    random = _cka(features, random_features, "features", "random_features")
     if random == 0:
         raise ValueError("features and random_features have CKA 0 (orthogonal after centring): KITE = "
                          "target alignment / 0 is undefined")
-    return KiteScore(score=target / random if not math.isnan(random) else math.nan, target_alignment=target,
-                     random_alignment=random)
+    return KiteScore(score=target / random, target_alignment=target, random_alignment=random)

@@ -62,6 +62,7 @@ def test_linear_cka_invariances():
     assert linear_cka(x @ q, y) == pytest.approx(base, rel=1e-10)  # orthogonal transform
     assert linear_cka(7.5 * x, 0.01 * y) == pytest.approx(base, rel=1e-10)  # isotropic scaling
     assert linear_cka(x + 3.0, y - 1.0) == pytest.approx(base, rel=1e-10)  # translation (centring)
+    assert linear_cka(1e120 * x, 1e-150 * y) == pytest.approx(base, rel=1e-10)  # no overflow / underflow
     assert linear_cka(y, x) == pytest.approx(base, rel=1e-12)  # symmetry
     assert linear_cka(x, 2 * x @ q + 1) == pytest.approx(1.0, rel=1e-12)
     # NOT invariant to an anisotropic scaling of the features (an oracle check that the test can fail)
@@ -133,6 +134,13 @@ def test_bad_input_errors_name_the_argument():
         (ValueError, "labels must be 1-D", lambda: kite_score(x, labels[:, None], x)),
         (ValueError, r"random_features must have one row per example \(10\)", lambda: kite_score(x, labels, x[:9])),
         (ValueError, "num_classes must be an integer >= 2", lambda: one_hot(labels, 1)),
+        (ValueError, r"labels must have one entry per row of features \(9\), got 10", lambda: kite_score(
+            x[:9], labels, x)),
+        (ValueError, "features is the same for all 10", lambda: kite_score(np.ones((10, 3)), labels, x)),
+        (ValueError, "random_features is the same for all 10", lambda: kite_score(x, labels, np.ones((10, 3)))),
+        (ValueError, "random_features must be 2-D", lambda: kite_score(x, labels, x[:, 0])),
+        (ValueError, "CKA 0", lambda: kite_score(np.array([[1.0], [-1.0], [0.0], [0.0]]), np.array([0, 1, 0, 1]),
+                                                  np.array([[0.0], [0.0], [1.0], [-1.0]]))),
     ]
     for error, message, call in cases:
         with pytest.raises(error, match=message):
@@ -194,14 +202,21 @@ def test_cli_ranks_shipped_backbones_on_digits(tmp_path, monkeypatch, capsys):
 def test_cli_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("CONCEPT_KERNELS_CACHE", str(tmp_path / "cache"))
-    cases = [(["--models", "resnet18"], "no pretrained weights for 'resnet18'.*--allow-random"),
-             (["--models", "resnet_18"], "unknown timm model 'resnet_18'"),
+    cases = [(["--models", "resnet_18"], "unknown timm model 'resnet_18'"),
              (["--models", "resnet18,resnet18"], "each model once"),
              (["--models", " , "], "expected comma-separated timm model names"),
              (["--models", "resnet18", "--allow-random", "--data", "builtin:letters"], "unknown built-in data"),
              (["--models", "resnet18", "--allow-random", "--data", str(tmp_path / "nowhere")],
               "expected an ImageFolder"),
              (["--models", "resnet18", "--batch-size", "0"], "--batch-size must be >= 1")]
+    if not torch.cuda.is_available():
+        cases.append((["--models", "resnet18", "--device", "cuda"], "--device cuda: CUDA is not available"))
+    try:  # a model without offline weights (unless this machine's Hugging Face cache holds resnet18's)
+        from concept_kernels.train.backbones import create_backbone
+
+        create_backbone("resnet18", pretrained=True)
+    except RuntimeError:
+        cases.append((["--models", "resnet18"], "no pretrained weights for 'resnet18'.*--allow-random"))
     for argv, message in cases:
         assert main([*SMALL, *argv]) == 2, argv  # (the last --batch-size wins)
         err = capsys.readouterr().err.strip()
