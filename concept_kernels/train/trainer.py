@@ -79,7 +79,7 @@ def _doc(default, help: str):
 class Config:
     """A run's settings; each field is a flag of ``python -m concept_kernels.train``."""
     model: str = _doc("tf_efficientnet_lite0", "timm model name (needs a 4-D feature map)")
-    pretrained: bool = _doc(True, "ImageNet weights (offline for tf_efficientnet_lite0 / efficientnet_lite0)")
+    pretrained: bool = _doc(True, "ImageNet weights (offline for (tf_)efficientnet_lite0/1/2)")
     data: str | None = _doc(None, "ImageFolder root with train/ and val/, or a built-in offline task: "
                                   "builtin:digits (sklearn digits, the default) or builtin:animals (animal-mnist)")
     shots_per_class: int | None = _doc(None, "training images per class (<=0: all; default: 10 for the built-in "
