@@ -139,6 +139,10 @@ class Config:
     cf_teacher_bn: str = _doc("batch", "counterfactual: the frozen teacher's batch norms use the counterfactual "
                                        "batch's statistics (batch: equal to the student at the start) or its "
                                        "pretrained running ones (running)")
+    # levi
+    levi_layers: tuple[str, ...] = _doc((), "levi: backbone modules ensembled with the small CNN's stages, e.g. "
+                                            "blocks.2,blocks.4,blocks.6 (default: the last 3 of timm's feature_info)")
+    levi_width: int = _doc(32, "levi: channels of the small CNN's first stage (doubling per stage)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
