@@ -137,8 +137,7 @@ class ConceptTuner(nn.Module):
         """
         if len(views) < self.num_views:
             raise ValueError(f"method {self.method!r} needs {self.num_views} views, got {len(views)}")
-        f0 = self.features(self.backbone, views[0])
-        logits = self.head(f0.mean((2, 3)))
+        f0, logits = self.impl.classify(self, views[0])  # (default: head(features(view 0).mean((2, 3))))
         zero = views[0].new_zeros(())
         out = dict(img=zero, con=zero, ce_ib=zero, kl=zero, ce=F.cross_entropy(logits, labels))
         out.update(self.impl.loss_terms(self, views, labels, f0, logits))
@@ -172,5 +171,5 @@ class ConceptTuner(nn.Module):
         """(B, 3, H, W) -> {"main": (B, Cls) logits, "ib": (B, Cls) logits (concept only)}, in the
         module's current mode (call ``.eval()`` first); the IB head samples its latent in eval mode
         too, as published."""
-        f = self.features(self.backbone, x)
-        return {"main": self.head(f.mean((2, 3))), **self.impl.predict_heads(self, f)}
+        f, main = self.impl.classify(self, x)
+        return {"main": main, **self.impl.predict_heads(self, f)}

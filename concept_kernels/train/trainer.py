@@ -126,6 +126,23 @@ class Config:
     wise_alphas: tuple[float, ...] = _doc((0.0, 0.25, 0.5, 0.75, 1.0), "wiseft: interpolation weights evaluated "
                                           "at the end (<out>/wise_ft.json)")
     wise_probe_l2: float = _doc(1e-3, "wiseft: L2 weight of the linear probe that gives theta_0's head")
+    # counterfactual
+    cf_weight: float = _doc(30.0, "counterfactual: weight of the MSE of the features on the masked-and-refilled "
+                                  "images to the frozen pretrained backbone's (published 30)")
+    cf_threshold: float = _doc(0.3, "counterfactual: a patch is class-relevant when its CAM (max-normalised) >= this, "
+                                    "in (0, 1]")
+    cf_region: str = _doc("object", "counterfactual: patches to mask: object (CAM >= threshold), context (the "
+                                    "others) or either (a coin per image)")
+    cf_fill: str = _doc("single", "counterfactual: refill from one other image per image (single) or another "
+                                  "image per patch (multi)")
+    cf_grid: int = _doc(7, "counterfactual: patches per image side (published 7: ViT-B/32 at 224 px)")
+    cf_teacher_bn: str = _doc("batch", "counterfactual: the frozen teacher's batch norms use the counterfactual "
+                                       "batch's statistics (batch: equal to the student at the start) or its "
+                                       "pretrained running ones (running)")
+    # levi
+    levi_layers: tuple[str, ...] = _doc((), "levi: backbone modules ensembled with the small CNN's stages, e.g. "
+                                            "blocks.2,blocks.4,blocks.6 (default: the last 3 of timm's feature_info)")
+    levi_width: int = _doc(32, "levi: channels of the small CNN's first stage (doubling per stage)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")

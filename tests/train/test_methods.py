@@ -60,7 +60,8 @@ def test_step_loop_has_no_method_branches():
     assert not any(f'"{m}"' in src for m in METHODS)
 
 
-NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": ()}
+NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": (), "counterfactual": ("cf",),
+       "levi": ()}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))
@@ -87,8 +88,10 @@ def test_new_method_trains_saves_and_reloads(tmp_path, method):
         run(changed)
 
 
-def test_stochnorm_resume_is_bit_exact(tmp_path):
-    """StochNorm draws its switches from the torch RNG: 2 epochs straight == 1 epoch + --resume."""
+@pytest.mark.parametrize("method", ["stochnorm", "counterfactual"])
+def test_random_method_resume_is_bit_exact(tmp_path, method):
+    """StochNorm (its switches) and counterfactual (its donors) draw from the torch RNG: 2 epochs straight ==
+    1 epoch + --resume."""
     import dataclasses
 
     from conftest import tiny_config
@@ -96,9 +99,10 @@ def test_stochnorm_resume_is_bit_exact(tmp_path):
     from concept_kernels.train import run
     from concept_kernels.train.trainer import CHECKPOINT, load_checkpoint
 
-    straight = tiny_config(tmp_path / "a", method="stochnorm", epochs=2)
+    size = dict(image_size=64) if method == "counterfactual" else {}  # a 2x2 map: CAM masks vary
+    straight = tiny_config(tmp_path / "a", method=method, epochs=2, **size)
     run(straight)
-    split = tiny_config(tmp_path / "b", method="stochnorm", epochs=1)
+    split = tiny_config(tmp_path / "b", method=method, epochs=1, **size)
     run(split)
     run(dataclasses.replace(split, epochs=2, resume=True))
     a, b = (load_checkpoint(tmp_path / d / "run" / CHECKPOINT)["model"] for d in "ab")

@@ -4,6 +4,9 @@ A method is a small class registered by name (:func:`register`). ``ConceptTuner(
 method_options={...})`` builds its backbone and new linear head, then calls the method's hooks:
 
 * ``num_views(tuner)``: augmented views per step (view 0 feeds the main head);
+* ``classify(tuner, x)``: the feature map f0 and the main logits of images x, used by the training step
+  (on view 0, for the CE) and by ``predict`` (default: ``head(backbone features(x).mean((2, 3)))``; a method
+  that changes the classifier itself, e.g. LEVI's ensemble, overrides it);
 * ``build(tuner)``: once, after the head exists: add modules to the tuner (a frozen teacher, a key encoder,
   another head; they become state_dict entries under their attribute names), freeze parameters, swap layers;
 * ``loss_terms(tuner, views, labels, f0, logits)``: each step, after the main head's CE on view 0: the
@@ -79,6 +82,12 @@ class Method:
 
     def check(self) -> None:
         """Validate ``self.opts`` (ValueError naming the option)."""
+
+    def classify(self, tuner, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, 3, H, W) -> (f0 (B, C, h, w) the backbone's feature map, logits (B, Cls) of the main
+        classifier); default: the new linear head on the average-pooled map."""
+        f = tuner.features(tuner.backbone, x)
+        return f, tuner.head(f.mean((2, 3)))
 
     def build(self, tuner: nn.Module) -> None:
         """Add modules / freeze parameters of ``tuner`` (its backbone and head exist)."""
