@@ -60,7 +60,8 @@ def test_step_loop_has_no_method_branches():
     assert not any(f'"{m}"' in src for m in METHODS)
 
 
-NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": ()}
+NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": (), "feature_distill": ("distill",),
+       "l1sp": ("l1sp", "l2_head"), "aft": ("aft",)}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))

@@ -76,7 +76,7 @@ def _np_distill(f, t):
 def test_feature_distill_value_gradient_and_teacher(tiny_net):
     lam = 0.7
     net = _tuner(tiny_net, "feature_distill", weight=lam)
-    teacher = copy.deepcopy(net.backbone).eval()  # the pretrained backbone, an independent copy
+    teacher = copy.deepcopy(net.backbone).train()  # the pretrained backbone (batch-statistics BN), a copy
     _perturb(net.backbone.parameters())
     views, labels = _batch()
     out = net.step(views, labels)
@@ -138,7 +138,7 @@ def _np_aft(f, t, s):
 def test_aft_value_gradients_and_groups(tiny_net, batch):
     beta = 4.0
     net = _tuner(tiny_net, "aft", beta=beta)
-    teacher = copy.deepcopy(net.backbone).eval()
+    teacher = copy.deepcopy(net.backbone).train()
     assert net.aft_scale.shape == (64,) and not net.aft_scale.detach().any()  # s starts at 0
     _perturb([*net.backbone.parameters(), net.aft_scale], scale=0.5)
     s = net.aft_scale.detach().numpy().copy()
@@ -195,6 +195,24 @@ def test_aft_first_step_of_a_bn_free_backbone_is_finite():
 
 
 # -- all three -----------------------------------------------------------------------------------------
+
+def test_teacher_features_match_at_the_first_step(tiny_net):
+    """The teacher's batch norms use the batch's statistics in training, as the student's: with equal
+    weights the terms start at 0 (a BN backbone whose running statistics differ a lot from a batch's)."""
+    views, labels = _batch()
+    for method, term in (("feature_distill", "distill"), ("aft", "aft")):
+        net = _tuner(tiny_net, method)
+        for m in net.source_backbone.modules():  # pretrained running statistics far from these images'
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(3.0)
+                m.running_var.fill_(9.0)
+        out = net.step(views, labels)
+        assert out[term].item() < 1e-7, (method, out[term].item())
+        net.eval()  # in eval mode both use running statistics: now they differ
+        assert net.step(views, labels)[term].item() > 1e-3
+        assert not net.source_backbone.training
+        assert all(m.track_running_stats for m in net.source_backbone.modules() if isinstance(m, nn.BatchNorm2d))
+
 
 @pytest.mark.parametrize("method", TEACHER_METHODS)
 def test_the_pretrained_copy_stays_frozen_while_training(tiny_net, method):

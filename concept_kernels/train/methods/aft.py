@@ -12,7 +12,8 @@ Choices (the spec says "centred and L2-normalised per sample"):
   each sample's vector is scaled to unit L2 norm, so K and K_t are cosine similarities (diagonal 1);
   scaling each feature commutes with centring, so centre(f0) * sigmoid(s) is the same V;
 * teacher: ``tuner.source_backbone`` (``source.py``), the fine-tuned backbone's own pretrained weights
-  (the paper uses larger DINOv2 / CLIP teachers, not available offline), eval mode, no graph;
+  (the paper uses larger DINOv2 / CLIP teachers, not available offline), no graph, its batch norms on
+  the batch's statistics as the fine-tuned backbone's in training (``source.py``);
 * s (C,) is ``tuner.aft_scale`` (a state_dict entry, saved and resumed with the optimizer state), zero at
   the start (sigmoid 1/2 for all: a uniform scale, which the row norm removes, so K_t starts as the plain
   pretrained kernel), trained jointly with the model in its own optimizer group at the heads' lr (the

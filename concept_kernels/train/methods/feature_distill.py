@@ -4,8 +4,10 @@ Tan et al. (2024) (who find it, with WiSE-FT, keeps out-of-distribution accuracy
     loss = CE + lam * distill,  distill = 1/(B C) sum_{b, c} (f_bc - f0_bc)^2,
 
 f (B, C): the fine-tuned backbone's pooled (spatially averaged) features of view 0, the ones the head
-sees, in train mode; f0 (B, C): the frozen pretrained copy's pooled features of the same images, in eval
-mode (its BN running statistics) and without a graph: the gradient reaches the fine-tuned backbone only.
+sees; f0 (B, C): the frozen pretrained copy's pooled features of the same images, without a graph (the
+gradient reaches the fine-tuned backbone only), its batch norms on the batch's statistics as the
+fine-tuned backbone's in training (``source.py``: otherwise a BN backbone's term would start large and
+measure the train/eval gap of batch norm, not drift; 0 at the first step this way).
 The mean over the B x C entries keeps the term's scale independent of the batch and the feature width.
 Default lam = 1 (not tuned: Tan et al. tune the weight per task). Weight decay: the trainer's, as vanilla.
 
