@@ -175,6 +175,16 @@ def test_aft_kernel_rmse_at_zero_and_with_nan():
     assert torch.isnan(kernel_rmse(centred_cosine_kernel(bad), k.detach()))
 
 
+def test_aft_kernel_is_float32_under_autocast():
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (x @ x.T).dtype == torch.bfloat16  # (what autocast would do to the kernel's matmul)
+        k = centred_cosine_kernel(x.bfloat16())
+    u = _np_unit_centred(x.bfloat16().double().numpy())
+    assert k.dtype == torch.float32
+    np.testing.assert_allclose(k.numpy(), u @ u.T, rtol=0, atol=1e-6)
+
+
 class _NoBatchNorm(nn.Module):
     """A BN-free backbone: at the first step its train-mode features equal the frozen copy's."""
 

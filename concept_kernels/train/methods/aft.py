@@ -36,11 +36,14 @@ MIN_BATCH = 3
 
 def centred_cosine_kernel(x: torch.Tensor) -> torch.Tensor:
     """(B, d) -> (B, B): U U^T with U = x minus its batch mean, each row scaled to unit L2 norm (a row
-    that centres to zero stays zero)."""
+    that centres to zero stays zero). Half-precision input (--amp) is computed in float32, outside
+    autocast: the term is a small difference of two kernels whose entries are O(1)."""
     if x.dim() != 2:
         raise ValueError(f"features must be (B, d), got shape {tuple(x.shape)}")
-    u = F.normalize(x - x.mean(0, keepdim=True), dim=1)
-    return u @ u.T
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+        u = F.normalize(x - x.mean(0, keepdim=True), dim=1)
+        return u @ u.T
 
 
 def kernel_rmse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
