@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .base import check_number, register
-from .source import WithSourceBackbone, add_source_backbone  # noqa: F401  (add_source_backbone: used from here)
+from .source import WithSourceBackbone, add_source_backbone  # noqa: F401  (re-exported for older imports)
 
 
 def head_l2(tuner) -> torch.Tensor:

@@ -13,8 +13,8 @@ way the fine-tuned backbone computes its own: while the tuner trains, its batch 
 batch's statistics (their running statistics neither used nor updated; every other layer, e.g. dropout,
 stays in eval mode), so at the first step both feature sets are equal and the terms measure how far the
 fine-tuned weights moved, not the train/eval gap of batch norm. That gap is large on a new domain:
-EfficientNet-Lite0 (ImageNet weights) on 16 built-in digits at 64 px, the pooled features' mean square
-is 0.36, their MSE to the same network with running statistics 2.41, to the batch-statistics copy 0."""
+on one batch of 16 built-in digits (``Config(image_size=64)``: EfficientNet-Lite0, ImageNet weights), the
+pooled features' mean square is 0.36, their MSE to the same network with running statistics 2.41."""
 from __future__ import annotations
 
 import copy
