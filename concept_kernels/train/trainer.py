@@ -143,6 +143,13 @@ class Config:
     levi_layers: tuple[str, ...] = _doc((), "levi: backbone modules ensembled with the small CNN's stages, e.g. "
                                             "blocks.2,blocks.4,blocks.6 (default: the last 3 of timm's feature_info)")
     levi_width: int = _doc(32, "levi: channels of the small CNN's first stage (doubling per stage)")
+    # feature_distill, l1sp, aft (the frozen pretrained backbone as anchor or teacher)
+    feature_distill_weight: float = _doc(1.0, "feature_distill: weight of the MSE between the pooled features and "
+                                              "those of the frozen pretrained backbone")
+    l1sp_alpha: float = _doc(1e-4, "l1sp: weight a of a ||w - w0||_1 over the backbone (w0: pretrained)")
+    l1sp_beta: float = _doc(0.01, "l1sp: weight b of b/2 ||w_head||^2 (l1sp runs without weight decay)")
+    aft_beta: float = _doc(10.0, "aft: weight of the RMSE between the batch kernels of the features and of the "
+                                 "frozen pretrained features x sigmoid(s) (s learned at --lr)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")

@@ -61,7 +61,7 @@ def test_step_loop_has_no_method_branches():
 
 
 NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": (), "counterfactual": ("cf",),
-       "levi": ()}
+       "levi": (), "feature_distill": ("distill",), "l1sp": ("l1sp", "l2_head"), "aft": ("aft",)}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))

@@ -5,20 +5,14 @@
 
 with no weight decay on either (it would pull towards 0, not w0). Defaults a = b = 0.01 (TLlib's delta.py).
 w0 is a frozen copy of the backbone at construction (``tuner.source_backbone``, saved in checkpoints, so
-a model rebuilt from one keeps the w0 it trained with)."""
+a model rebuilt from one keeps the w0 it trained with; ``source.py``). ``l1sp.py`` is the same method
+with the L1 distance."""
 from __future__ import annotations
-
-import copy
 
 import torch
 
-from .base import Method, check_number, register
-
-
-def add_source_backbone(tuner) -> None:
-    """tuner.source_backbone: a frozen copy of the backbone as it is now (the pretrained weights), in
-    eval mode for good (BN running statistics fixed)."""
-    tuner.source_backbone = copy.deepcopy(tuner.backbone).requires_grad_(False).eval()
+from .base import check_number, register
+from .source import WithSourceBackbone, add_source_backbone  # noqa: F401  (re-exported for older imports)
 
 
 def head_l2(tuner) -> torch.Tensor:
@@ -31,29 +25,29 @@ def without_weight_decay(groups: list[dict]) -> list[dict]:
 
 
 @register
-class L2SP(Method):
+class L2SP(WithSourceBackbone):
     name = "l2sp"
     summary = "CE + a/2 ||w - w0||^2 (backbone) + b/2 ||w_head||^2, no weight decay"
     options = dict(alpha=0.01, beta=0.01)
     config_fields = dict(alpha="l2sp_alpha", beta="l2sp_beta")
+    term = "l2sp"  # the name of the distance's loss part (metrics: train_<term>)
+
+    @staticmethod
+    def distance(w: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
+        """The penalty of one parameter tensor w at its pretrained value w0 (same shape): 1/2 ||w - w0||^2."""
+        return 0.5 * (w - w0).pow(2).sum()
 
     def check(self) -> None:
         check_number(self.opts, "alpha", 0.0)
         check_number(self.opts, "beta", 0.0)
 
-    def build(self, tuner) -> None:
-        add_source_backbone(tuner)
-
-    def train_mode(self, tuner, mode: bool) -> None:
-        tuner.source_backbone.eval()
-
     def weights(self) -> dict[str, float]:
-        return dict(l2sp=self.opts["alpha"], l2_head=self.opts["beta"])
+        return {self.term: self.opts["alpha"], "l2_head": self.opts["beta"]}
 
     def loss_terms(self, tuner, views, labels, f0, logits) -> dict[str, torch.Tensor]:
-        sp = sum(0.5 * (w - w0).pow(2).sum()
+        sp = sum(self.distance(w, w0)
                  for w, w0 in zip(tuner.backbone.parameters(), tuner.source_backbone.parameters()))
-        return dict(l2sp=sp, l2_head=head_l2(tuner))
+        return {self.term: sp, "l2_head": head_l2(tuner)}
 
     def param_groups(self, tuner, lr: float, backbone_mult: float) -> list[dict]:
         return without_weight_decay(super().param_groups(tuner, lr, backbone_mult))

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .base import Method, check_number, register
-from .l2sp import add_source_backbone
+from .base import check_number, register
+from .source import WithSourceBackbone
 
 
 def interpolate(tuner, alpha: float):
@@ -70,7 +70,7 @@ def fit_linear_probe(head: torch.nn.Linear, feats: torch.Tensor, labels: torch.T
 
 
 @register
-class WiSEFT(Method):
+class WiSEFT(WithSourceBackbone):
     name = "wiseft"
     summary = "fine-tune from a linear-probe head, then a sweep of weight-space interpolations"
     options = dict(alphas=(0.0, 0.25, 0.5, 0.75, 1.0), probe_l2=1e-3)
@@ -84,11 +84,8 @@ class WiSEFT(Method):
         check_number(self.opts, "probe_l2", 0.0)
 
     def build(self, tuner) -> None:
-        add_source_backbone(tuner)
+        super().build(tuner)  # tuner.source_backbone
         tuner.source_head = copy.deepcopy(tuner.head).requires_grad_(False)
-
-    def train_mode(self, tuner, mode: bool) -> None:
-        tuner.source_backbone.eval()
 
     def prepare(self, tuner, train_set, out_dir) -> None:
         feats, labels = pooled_features(tuner, tuner.source_backbone, train_set)
