@@ -12,6 +12,7 @@ import dataclasses
 import sys
 
 from .methods import REGISTRY as METHOD_REGISTRY
+from .methods.named_blocks import BLOCKS
 from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
 from .runtime import HelpFormatter, missing_extra_message
 from .trainer import CheckpointError, Config, run
@@ -23,7 +24,8 @@ def _float_or_auto(s: str) -> float | str:
     return s if s.strip().lower() == "auto" else float(s)
 
 
-CHOICES = dict(method=METHODS, patch_mode=PATCH_MODES, schedule=("multistep", "cos"), sinkhorn_stop=SINKHORN_STOPS)
+CHOICES = dict(method=METHODS, patch_mode=PATCH_MODES, schedule=("multistep", "cos"), sinkhorn_stop=SINKHORN_STOPS,
+               surgical_block=BLOCKS)
 TYPES = {"int": int, "float": float, "str": str, "float | str": _float_or_auto}
 # help for the Config fields that carry none in their metadata
 HELP = dict(

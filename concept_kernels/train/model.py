@@ -153,6 +153,15 @@ class ConceptTuner(nn.Module):
         """The method's once-per-run preparation (the trainer calls it before the first step)."""
         self.impl.prepare(self, train_set, out_dir)
 
+    def on_epoch_start(self, epoch: int, optimizer: torch.optim.Optimizer, sample) -> None:
+        """The method's start-of-epoch hook (the trainer calls it each epoch, also on a mid-epoch resume;
+        ``sample(n)`` -> the epoch's first n (views, labels) batches; ``methods/base.py``)."""
+        self.impl.on_epoch_start(self, epoch, optimizer, sample)
+
+    def on_epoch_end(self, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """The method's end-of-epoch hook (before the lr scheduler steps)."""
+        self.impl.on_epoch_end(self, epoch, optimizer)
+
     def finish(self, evaluate, out_dir=None) -> dict:
         """The method's end-of-run evaluations (``evaluate(model)`` -> accuracies), e.g. WiSE-FT's sweep."""
         return self.impl.finish(self, evaluate, out_dir)

@@ -19,7 +19,13 @@ def method_settings(cfg, model) -> str:
         parts += [f"K={cfg.queue_len} queue", f"key momentum {model.momentum:.4g} ({cfg.key_momentum} given)",
                   f"T={model.temperature:g}"]
     if model.method == "surgical":
-        parts.append(f"train blocks {','.join(cfg.train_blocks)}")
+        named = f"{cfg.surgical_block} block = " if cfg.surgical_block else ""
+        parts.append(f"train {named}{','.join(model.train_blocks)}")
+    if model.method == "lpft":
+        parts.append(f"linear probe for {cfg.lpft_probe_epochs} epochs, then all at lr x{cfg.lpft_ft_lr_mult:g}"
+                     + (f"; this run's {cfg.epochs} epochs all probe" if cfg.epochs <= cfg.lpft_probe_epochs else ""))
+    if model.method == "autorgn":
+        parts.append(f"backbone tensor lrs by relative gradient norm, measured on {cfg.rgn_batches} batches/epoch")
     if model.method == "linear":
         parts.append("frozen backbone")
     return f"{model.method} ({', '.join(parts)})" if parts else model.method

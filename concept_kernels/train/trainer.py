@@ -5,7 +5,9 @@ writes ``<out>/config.json``; metrics go to ``metrics.jsonl``, ``metrics.csv`` a
 installed, TensorBoard scalars; ``best.pt`` holds the best epoch's checkpoint (:mod:`.checkpoint`).
 Checkpoints (``<out>/checkpoint.pt``, each epoch and on Ctrl-C, via a temp file + ``os.replace``) hold
 the model (queues, key encoder), optimizer, scheduler, step counters and every rank's torch/numpy/python
-RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. Under ``torchrun``: DDP. The output
+RNG states: ``resume=True`` continues bit-exactly, also mid-epoch. A method's epoch hooks
+(``methods/base.py``) run at each epoch's start (under a forked RNG, with the epoch's first batches at
+hand) and end (before the scheduler steps). Under ``torchrun``: DDP. The output
 directory, its lock, the checkpoint's digest and the metrics file: see :mod:`.checkpoint`.
 """
 from __future__ import annotations
@@ -150,6 +152,16 @@ class Config:
     l1sp_beta: float = _doc(0.01, "l1sp: weight b of b/2 ||w_head||^2 (l1sp runs without weight decay)")
     aft_beta: float = _doc(10.0, "aft: weight of the RMSE between the batch kernels of the features and of the "
                                  "frozen pretrained features x sigmoid(s) (s learned at --lr)")
+    # surgical (by name)
+    surgical_block: str | None = _doc(None, "surgical: first|middle|last (input-/feature-/output-level shifts) = "
+                                            "the backbone's stem + first stage / middle stage / last stage "
+                                            "(default: none, --train-blocks gives the prefixes)")
+    # autorgn
+    rgn_batches: int = _doc(2, "autorgn: training batches on which each epoch's gradient norms are measured")
+    # lpft
+    lpft_probe_epochs: int = _doc(5, "lpft: epochs of linear probing (frozen backbone) before fine-tuning all")
+    lpft_ft_lr_mult: float = _doc(0.1, "lpft: after the probe, every group's lr x this (published style: "
+                                       "fine-tune at a smaller lr)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
@@ -390,10 +402,19 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
             reps = -(-steps * per_step // len(train_set))
             order = torch.cat([torch.randperm(len(train_set), generator=g) for _ in range(reps)])
             model.train()
+            epoch_batches = [order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size].tolist()
+                             for s in range(steps)]  # this rank's
+
+            def sample(n: int, index_lists=epoch_batches) -> list[tuple[torch.Tensor, torch.Tensor]]:
+                """The epoch's first n batches as training sees them (for a method's measurements)."""
+                return [(make_views(x.to(device), cfg.image_size, model.num_views, hflip, min_crop), y.to(device))
+                        for x, y in batches(train_set, index_lists[:n], workers[0])]
+
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):  # RNG streams untouched
+                model.on_epoch_start(epoch, opt, sample)
             sums: dict[str, float] = state.pop("sums", None) or {"n": 0.0}  # running means survive a resume
             t0, start = time.perf_counter(), state["step_in_epoch"]
-            train_batches = batches(train_set, [order[(s * world + rank) * cfg.batch_size:][:cfg.batch_size].tolist()
-                                                for s in range(start, steps)], workers[0])
+            train_batches = batches(train_set, epoch_batches[start:], workers[0])
             bar = tqdm(total=steps, initial=state["step_in_epoch"], desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
                        disable=not (cfg.progress and rank == 0), leave=False)
             while state["step_in_epoch"] < steps and not interrupts:
@@ -428,6 +449,7 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
                 history.interrupted = True
                 return history
             secs, done = time.perf_counter() - t0, state["step_in_epoch"] - start
+            model.on_epoch_end(epoch, opt)
             with warnings.catch_warnings():  # resumed right at an epoch end: no optimizer.step() yet here
                 warnings.simplefilter("ignore", UserWarning)
                 sched.step()

@@ -20,14 +20,27 @@ method_options={...})`` builds its backbone and new linear head, then calls the 
 * ``prepare(tuner, train_set, out_dir)``: once per training run, before the first step (e.g. statistics
   of the training set, cached under ``out_dir``);
 * ``finish(tuner, evaluate, out_dir)``: when the run has trained all its epochs (e.g. a sweep of
-  interpolated models), returning what it measured.
+  interpolated models), returning what it measured;
+* ``on_epoch_start(tuner, epoch, optimizer, sample)``: at the start of every epoch (0-based ``epoch``), after
+  ``tuner.train()``, and again when a run resumes mid-epoch: it must derive what it sets from ``epoch`` and
+  from the (checkpointed) optimizer, so that a resumed run stays bit-exact (``lrs_scaled_for`` tells whether
+  this epoch's lrs are already set). ``sample(n)`` returns the epoch's first n training batches of this rank
+  as ``(views (V, B, 3, H, W), labels (B,))``, augmented as training does. The trainer runs the hook under
+  ``torch.random.fork_rng``: whatever it draws (augmentation, dropout) leaves the run's RNG streams as they
+  were. A hook that runs forwards in train mode restores the buffers it changes (BN statistics);
+* ``on_epoch_end(tuner, epoch, optimizer)``: after the epoch's last step, before the lr scheduler steps
+  (e.g. ``restore_scheduled_lrs``).
+
+Per-epoch lrs: a method that scales the scheduler's lrs for one epoch calls ``scale_lrs`` in
+``on_epoch_start`` and ``restore_scheduled_lrs`` in ``on_epoch_end``: the scheduler only ever sees (and steps)
+its own lrs, so the schedule applies as usual: lr_i(epoch) = schedule(epoch) * base_lr_i * scale_i(epoch).
 
 Hyper-parameters: ``options`` (name -> default) and ``config_fields`` (name -> the trainer's Config field,
 i.e. its CLI flag); ``check()`` validates them.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -121,6 +134,38 @@ class Method:
         """When a run has trained all its epochs: further evaluations (``evaluate(model)`` -> accuracies);
         returns them ({} : none)."""
         return {}
+
+    def on_epoch_start(self, tuner, epoch: int, optimizer: torch.optim.Optimizer,
+                       sample: Callable[[int], list[tuple[torch.Tensor, torch.Tensor]]]) -> None:
+        """At the start of every epoch, also on a mid-epoch resume (see the module docstring)."""
+
+    def on_epoch_end(self, tuner, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+        """After the epoch's last step, before the scheduler steps."""
+
+
+def scale_lrs(optimizer: torch.optim.Optimizer, epoch: int, scales: Sequence[float]) -> None:
+    """For ``epoch``: each group's lr = its scheduled lr * ``scales[i]`` (the scheduled lr kept in the group
+    as ``scheduled_lr``, the epoch as ``scaled_epoch``; both are in the optimizer's state_dict)."""
+    groups = optimizer.param_groups
+    if len(scales) != len(groups):
+        raise ValueError(f"scales must have one entry per param group ({len(groups)}), got {len(scales)}")
+    for group, scale in zip(groups, scales):
+        group["scheduled_lr"] = group["lr"]
+        group["lr"] = group["lr"] * scale
+        group["scaled_epoch"] = epoch
+
+
+def lrs_scaled_for(optimizer: torch.optim.Optimizer, epoch: int) -> bool:
+    """Whether ``scale_lrs`` already set this epoch's lrs (a run resumed mid-epoch)."""
+    return all(g.get("scaled_epoch") == epoch for g in optimizer.param_groups)
+
+
+def restore_scheduled_lrs(optimizer: torch.optim.Optimizer) -> None:
+    """Undo ``scale_lrs``: each group's lr is its scheduled lr again (exactly: no division)."""
+    for group in optimizer.param_groups:
+        if "scheduled_lr" in group:
+            group["lr"] = group.pop("scheduled_lr")
+            group.pop("scaled_epoch", None)
 
 
 def check_number(opts: dict, name: str, low: float, high: float = float("inf"), *, low_open: bool = False) -> None:

@@ -1,0 +1,70 @@
+"""LP-FT (Kumar et al., ICLR 2022): linear probing, then full fine-tuning from the probed head, in one run.
+
+    stage 1, epochs 0 .. probe_epochs-1:  the backbone is frozen (parameters, and BN running statistics:
+        it stays in eval mode); only the new head trains, at lr (x the schedule);
+    stage 2, epochs probe_epochs .. end: everything trains from the probed head, every group at
+        ft_lr_mult x its usual lr: the head at lr * ft_lr_mult, the backbone at lr * backbone_mult * ft_lr_mult
+        (x the schedule, which runs over the whole run's epochs, not restarted at the boundary).
+
+Defaults: probe_epochs = 5 (half of the trainer's default 10 epochs), ft_lr_mult = 0.1: the paper fine-tunes
+after the probe at a smaller lr than plain fine-tuning (its sweeps usually pick one ~10x smaller), so that
+the good head is not destroyed by large early updates. The stage follows from the epoch number and the
+stage-2 scaling lives in the optimizer's groups (``base.scale_lrs``), so a run resumed anywhere, across the
+boundary too, is bit-exact. SGD skips the frozen backbone in stage 1 (no gradient: no step, no weight
+decay, no momentum), so stage 2 starts with fresh momentum buffers for it. Not under DDP (the gradient
+all-reduce is set up once, for the parameters trainable at the start)."""
+from __future__ import annotations
+
+import torch
+
+from .base import Method, check_number, lrs_scaled_for, register, restore_scheduled_lrs, scale_lrs
+
+
+@register
+class LPFT(Method):
+    name = "lpft"
+    summary = "linear probe for --lpft-probe-epochs, then fine-tune everything at lr x --lpft-ft-lr-mult"
+    options = dict(probe_epochs=5, ft_lr_mult=0.1)
+    config_fields = dict(probe_epochs="lpft_probe_epochs", ft_lr_mult="lpft_ft_lr_mult")
+
+    def check(self) -> None:
+        n = self.opts["probe_epochs"]
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"probe_epochs must be an integer >= 1, got {n!r}")
+        check_number(self.opts, "ft_lr_mult", 0.0, low_open=True)
+
+    def build(self, tuner) -> None:
+        self.set_stage(tuner, probing=True)
+
+    def set_stage(self, tuner, probing: bool) -> None:
+        """Stage 1 (``probing``): backbone frozen and in eval mode; stage 2: backbone trainable."""
+        self.probing = probing
+        tuner.backbone.requires_grad_(not probing)
+        if probing:
+            tuner.backbone.eval()
+        else:
+            tuner.backbone.train(tuner.training)
+
+    def train_mode(self, tuner, mode: bool) -> None:
+        if self.probing:
+            tuner.backbone.eval()
+
+    def param_groups(self, tuner, lr: float, backbone_mult: float) -> list[dict]:
+        """Every backbone parameter (frozen in stage 1, trained in stage 2) at lr*backbone_mult, heads at lr."""
+        heads = [p for m in self.heads(tuner) for p in m.parameters()]
+        return [dict(params=list(tuner.backbone.parameters()), lr=lr * backbone_mult, name="backbone"),
+                dict(params=heads, lr=lr, name="heads")]
+
+    def prepare(self, tuner, train_set, out_dir) -> None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            raise ValueError("method lpft does not run under DDP (the backbone becomes trainable after the "
+                             "gradient all-reduce is set up): run it in one process")
+
+    def on_epoch_start(self, tuner, epoch, optimizer, sample) -> None:
+        self.set_stage(tuner, probing=epoch < self.opts["probe_epochs"])
+        if not self.probing and not lrs_scaled_for(optimizer, epoch):
+            scale_lrs(optimizer, epoch, [self.opts["ft_lr_mult"]] * len(optimizer.param_groups))
+
+    def on_epoch_end(self, tuner, epoch, optimizer) -> None:
+        restore_scheduled_lrs(optimizer)

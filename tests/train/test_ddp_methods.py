@@ -1,0 +1,58 @@
+"""The epoch-hook methods under DDP on CPU (gloo, 2 processes via torchrun): autorgn averages its measured
+gradients over the ranks, so both ranks set the same per-tensor lrs and their weights stay equal although
+each rank measures on its own batches; lpft is refused with a clear error (its backbone becomes trainable
+after DDP set up its gradient all-reduce)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch, torch.distributed as dist
+    torch.set_num_threads(1)
+    from concept_kernels.train import Config, run
+
+    seen = {}
+
+    def check(step, model):
+        mine = torch.cat([p.detach().flatten() for p in model.parameters()])
+        parts = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, mine)
+        seen[step] = dict(equal=torch.equal(parts[0], parts[1]), finite=bool(torch.isfinite(mine).all()))
+
+    def config(method, out):
+        return Config(model="tf_efficientnet_lite0", pretrained=False, image_size=32, batch_size=4, shots_per_class=4,
+                      epochs=2, iters_per_epoch=2, lr=1e-2, test_limit=20, progress=False, method=method, out=out)
+
+    run(config("autorgn", sys.argv[1] + "/autorgn"), on_step=check)
+    try:
+        run(config("lpft", sys.argv[1] + "/lpft"))
+        seen["lpft"] = "ran"
+    except ValueError as e:
+        seen["lpft"] = str(e)
+    if dist.get_rank() == 0:
+        json.dump(seen, open(sys.argv[2], "w"))
+    dist.destroy_process_group()
+""")
+
+
+def test_autorgn_ranks_agree_and_lpft_is_refused(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(SCRIPT)
+    result = tmp_path / "result.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env.pop("CONCEPT_KERNELS_BACKEND", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           str(script), str(tmp_path), str(result)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    seen = json.loads(result.read_text())
+    assert sorted(seen) == ["1", "2", "3", "4", "lpft"]
+    for step in "1234":
+        assert seen[step]["finite"] and seen[step]["equal"], (step, seen[step])
+    assert "lpft does not run under DDP" in seen["lpft"]
