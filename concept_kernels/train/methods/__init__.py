@@ -6,6 +6,7 @@ from __future__ import annotations
 # isort: off  (import order = registration order = METHODS order; the accuracy harness sorts by it)
 from . import concept, vanilla, linear, bituning, surgical  # noqa: F401
 from . import l2sp, bss, stochnorm, wiseft  # noqa: F401
+from . import delta, cotuning  # noqa: F401
 # isort: on
 from .base import REGISTRY, Method, create_method, register
 
