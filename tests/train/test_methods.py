@@ -60,7 +60,7 @@ def test_step_loop_has_no_method_branches():
     assert not any(f'"{m}"' in src for m in METHODS)
 
 
-NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": ()}
+NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": (), "delta": ("delta", "l2_head")}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))
