@@ -20,7 +20,9 @@ thread count (recorded as ``torch_threads``).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
+import functools
 import os
 import statistics
 import time
@@ -71,6 +73,14 @@ def _threads():
     torch.set_num_threads(n)
 
 
+@functools.cache
+def _backbone(model: str, pretrained: bool) -> torch.nn.Module:
+    """The backbone, created once per session (each benchmark trains a copy)."""
+    from concept_kernels.train import create_backbone
+
+    return create_backbone(model, pretrained)
+
+
 def _config(shape: MethodShape, method: str, out):
     from concept_kernels.train.demo import demo_config
 
@@ -84,14 +94,13 @@ def _config(shape: MethodShape, method: str, out):
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s.id)
 def test_method_step(benchmark, bench, tmp_path, shape, provider):
-    from concept_kernels.train import create_backbone
     from concept_kernels.train.trainer import backbone_lr_mult, build_model
 
     benchmark.group = bench.group(OP, MODE, shape)
     device = bench.device(OP, MODE, shape, provider)
     cfg = _config(shape, provider, tmp_path)
     try:
-        backbone = create_backbone(cfg.model, cfg.pretrained)
+        backbone = copy.deepcopy(_backbone(cfg.model, cfg.pretrained))
     except RuntimeError as e:  # offline weights not installed
         bench.skip(OP, MODE, shape, provider, f"no pretrained {cfg.model}: {e}")
     net = build_model(cfg, backbone, shape.cls, device)

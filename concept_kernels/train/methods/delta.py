@@ -288,8 +288,8 @@ class DELTA(Method):
         def compute() -> list[torch.Tensor]:
             src = tuner.source_backbone
             print(f"delta: channel attention of {len(self.layer_names)} layers on {len(subset)} of {len(train_set)} "
-                  f"training images ({sum(w.numel() for w in tuner.delta_attention.vectors())} channel ablations "
-                  "each); --delta-attention-images bounds the images", flush=True)
+                  f"training images ({sum(w.numel() for w in tuner.delta_attention.vectors())} channels, each zeroed "
+                  "on each image); --delta-attention-images bounds the images", flush=True)
             with torch.no_grad():
                 feats, labels = zip(*((tuner.features(src, x).mean((2, 3)), y)
                                       for x, y in training_images(tuner, train_set)))
