@@ -15,8 +15,8 @@ method registered later appears here without an edit. Shapes: the demo configura
 extra_info: ``ratio_to_vanilla`` (median / vanilla's median in the same session), ``loss_terms_ms`` (the
 median time of the method's ``loss_terms`` hook inside the step, forward only: what the method computes
 on top of the shared backbone pass and CE, e.g. BSS's SVD, DELTA's pretrained-copy forward and feature-map
-distance; its backward is in the rest of the step) and ``loss_parts`` (the weighted parts it adds to CE). ``BENCH_THREADS=<n>`` sets torch's
-thread count (recorded as ``torch_threads``).
+distance; its backward is in the rest of the step) and ``loss_parts`` (the weighted parts it adds to
+CE). ``BENCH_THREADS=<n>`` sets torch's thread count (recorded as ``torch_threads``).
 """
 from __future__ import annotations
 

@@ -96,7 +96,8 @@ def test_loss_term_gradient_and_groups(tiny_net):
         lse = m + math.log(sum(math.exp(v - m) for v in z))
         want -= sum(float(R[labels[i], s]) * (z[s] - lse) for s in range(KS)) / 6
         p = _softmax(z)  # d/dz of the soft CE: softmax - target (the target sums to 1)
-        grad_w += torch.tensor([p[s] - float(R[labels[i], s]) for s in range(KS)], dtype=torch.float64)[:, None] * feats[i][None] / 6
+        residual = torch.tensor([p[s] - float(R[labels[i], s]) for s in range(KS)], dtype=torch.float64)
+        grad_w += residual[:, None] * feats[i][None] / 6
     assert out["cotuning"].item() == pytest.approx(want, rel=1e-10)
     assert out["loss"].item() == pytest.approx(out["ce"].item() + lam * want, rel=1e-10)
     out["cotuning"].backward()
