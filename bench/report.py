@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 PROVIDER_ORDER = ["reference", "compile", "compile_full", "loop", "sdpa", "cpu", "triton", "cuda",
                   "vanilla", "concept_image", "concept_image_problem", "concept_image_ref", "concept_roi", "concept_roi_ref"]
 BACKENDS = ["cpu", "triton", "cuda"]
-OP_ORDER = ["ot_similarity", "channel_attention", "position_attention", "train_step"]
+OP_ORDER = ["ot_similarity", "channel_attention", "position_attention", "train_step", "method_step"]
 SHAPE_ORDER = ["smoke", "cpu", "cpu_rowstop", "cpu_classes", "cpu_n49", "cpu_n196", "paper", "paper_rowstop",
                "gpu_n49", "gpu_n196", "gpu_patch_n4", "demo", "gpu_cub"]
 MODE_ORDER = ["fwd", "fwd_bwd", "step"]
@@ -57,6 +57,9 @@ def _notes(b: dict) -> str:
         notes.append(f"{e['compile_graphs']} graph(s), {e['graph_breaks']} graph break(s)")
     if "ratio_to_vanilla" in e:
         notes.append(f"{e['ratio_to_vanilla']:g}× the vanilla step")
+    if "loss_terms_ms" in e:
+        parts = f" ({e['loss_parts']})" if e.get("loss_parts") else ""
+        notes.append(f"method's loss terms{parts}: {e['loss_terms_ms']:g} ms forward")
     if e.get("backends"):
         notes.append("backends " + ", ".join(f"{k}={v}" for k, v in sorted(e["backends"].items())))
     if e.get("provider") == "loop":

