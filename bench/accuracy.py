@@ -99,7 +99,8 @@ def run_once(cfg: Config, spec: ShiftSpec | None = None) -> dict:
     if wants_ood:  # the trainer evaluated the final model on cfg's shifted sets (= spec) into ood.json
         ood = json.loads((out / OOD_JSON).read_text()) if (out / OOD_JSON).exists() else {}
         if ood.get("setting") == spec.setting() and ood.get("epoch") == cfg.epochs:
-            rec["ood"] = dict({k: v for k, v in ood.items() if k != "epoch"}, source="training", digest=True)
+            rec["ood"] = dict({k: v for k, v in ood.items() if k not in ("epoch", "id")}, source="training",
+                              digest=True)
         else:  # (a run that had finished before: its ood.json is missing or for other flags)
             rec = fill_ood(rec, out, spec)
     _write_record(done, rec)

@@ -8,7 +8,8 @@ drawing from one generator per set seeded with :func:`set_seed`, and the IB head
 torch RNG seeded with :data:`OOD_SEED` inside a fork of the RNG state (the caller's stream is untouched), so
 a model's OOD accuracy is deterministic and every run sees the same shifted images.
 
-Result (``<out>/ood.json``, ``eval_*.json``'s "ood", accuracy.py's result.json "ood")::
+Result (``eval_*.json``'s "ood", accuracy.py's result.json "ood"; ``<out>/ood.json`` adds "epoch" and "id",
+the ID test accuracy per head)::
 
     {"setting": {"corruptions": [...], "severities": [...], "limit": int, "folder": bool},
      "n_images": {set: int}, "sets": {set: {head: acc}}, "mean": {head: acc}, "acc": max over heads of "mean"}

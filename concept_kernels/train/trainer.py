@@ -458,8 +458,8 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
                     ood = evaluate_ood(model, test_set)
                     row.update(metric_row(ood))
                     if epoch + 1 == cfg.epochs:
-                        write_json(out / OOD_JSON, dict(epoch=epoch + 1, **ood))
                         id_acc = {k[4:]: v for k, v in row.items() if k.startswith("acc_")}
+                        write_json(out / OOD_JSON, dict(epoch=epoch + 1, id=id_acc, **ood))
                         print(f"[{cfg.method}] final model: {summary_line(ood, id_acc)}; {out / OOD_JSON}", flush=True)
             history.append(row)
             state.update(epoch=epoch + 1, step_in_epoch=0)

@@ -82,7 +82,8 @@ def test_trainer_ood_metrics_json_and_post_hoc(tmp_path, capsys):
     spec = ShiftSpec.parse("all", (1, 4), 12)
     post, ckpt = shifted_accuracy(tmp_path / "run" / CHECKPOINT, spec)
     assert ckpt["history"][-1]["ood_acc_main"] == last["ood_acc_main"]
-    assert post == {k: v for k, v in saved.items() if k != "epoch"}  # both heads, every set, bit for bit
+    assert saved["id"] == {"main": last["acc_main"], "ib": last["acc_ib"]}  # the ID accuracy next to it
+    assert post == {k: v for k, v in saved.items() if k not in ("epoch", "id")}  # both heads, every set, exactly
     report = tmp_path / "report"
     assert eval_main(["--run", cfg.out, "--checkpoint", "last", "--test-limit", "40", "--ood-severities", "4",
                       "--threads", "1", "--no-plot", "--out", str(report)]) == 0
