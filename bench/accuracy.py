@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              "split; only for smoke runs)")
     p.add_argument("--ood-corruptions", default=Config.ood_corruptions, help="shifted test sets: corruptions "
                    "(comma-separated, 'all' or 'none'), see concept_kernels/train/corruptions.py")
-    p.add_argument("--ood-severities", default=",".join(map(str, Config.ood_severities)), help="their severities (1..5)")
+    p.add_argument("--ood-severities", default=",".join(map(str, Config.ood_severities)),
+                   help="their severities (1..5)")
     p.add_argument("--ood-limit", type=int, default=Config.ood_limit, help="test images per shifted set (0: all)")
     p.add_argument("--report-only", action="store_true", help="write the report from the finished runs, train and "
                                                               "evaluate nothing")

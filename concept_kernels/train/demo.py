@@ -4,9 +4,9 @@ ImageNet-pretrained EfficientNet-Lite0 (offline weights) on few-shot sklearn dig
 grey upsampled to RGB: a real shift from ImageNet), three seeds per method (seed = few-shot draw, head
 init, augmentation stream), both heads evaluated on the first 400 test images after every epoch and the
 final model on the shifted test sets (100 of those images corrupted by Gaussian noise, blur, contrast and an
-affine warp at severity 3, the trainer's default corruptions; ``concept_kernels.train.ood``); prints a table of mean +- std
-over seeds and the paired difference to vanilla, and saves ``accuracy.png`` (one band per method) under
-``--out``. Why this configuration (<= 10 min on a 2-core CPU):
+affine warp at severity 3, the trainer's default corruptions; ``concept_kernels.train.ood``); prints a table
+of mean +- std over seeds and the paired difference to vanilla, and saves ``accuracy.png`` (one band per
+method) under ``--out``. Why this configuration (<= 10 min on a 2-core CPU):
 
 * 96 px: lite0's stride-32 map is 3x3, the smallest on which the 9 patches land in different cells.
 * 9 patches of 64 px resampled to 24-px crops (``patch_pixels``): a box holds at most 6x6 of the 8x8
@@ -20,6 +20,8 @@ over seeds and the paired difference to vanilla, and saves ``accuracy.png`` (one
   schedule (the published cosine option trains the backbone at the full lr; at 0.05 that overshoots here).
 * backbone BN momentum 0.1 (with timm's 0.01 the running stats were still mostly ImageNet's after 15
   steps: test accuracy 0.15; 0.59 after re-estimating them on the training images).
+* shifted sets of 100 images (``ood_limit``; the trainer's default is 200): 400 extra forward passes per
+  run, about one epoch's test evaluation, once at the end.
 * one torch thread when the machine is busy (load >= cores; ``runtime.default_threads``): 2 threads per
   process were ~10x slower there.
 """
@@ -113,8 +115,9 @@ def _print_table(results: dict, seeds: int) -> None:
           "  backends")
     for method, r in results.items():
         ib, ood = (mean_std(r[k]) if k in r else "-" for k in ("ib", "ood"))
+        backends = ops if method == "concept" else "- (no concept_kernels ops)"
         print(f"{method:<9} {mean_std(r['main']):>13} {ib:>13} {mean_std(r['best']):>13} {ood:>13} "
-              f"{r['sec_per_step']:>7.2f} {r['wall']:>7.0f}  {ops if method == 'concept' else '- (no concept_kernels ops)'}")
+              f"{r['sec_per_step']:>7.2f} {r['wall']:>7.0f}  {backends}")
     print(f"(mean ± std over {seeds} seeds; acc main / IB: last epoch, per head; best: max over epochs of "
           "max(main, IB), the published protocol; OOD main: the final model's main head, mean over the shifted "
           "test sets; s/step: median over epochs and seeds)")

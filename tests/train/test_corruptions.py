@@ -38,7 +38,8 @@ def _np_blur(x, sigma):
         for j in range(W):
             for a in range(-r, r + 1):
                 for b in range(-r, r + 1):
-                    out[:, :, i, j] += k[a + r] * k[b + r] * x[:, :, min(max(i + a, 0), H - 1), min(max(j + b, 0), W - 1)]
+                    ii, jj = min(max(i + a, 0), H - 1), min(max(j + b, 0), W - 1)  # replicated border
+                    out[:, :, i, j] += k[a + r] * k[b + r] * x[:, :, ii, jj]
     return np.clip(out, 0, 1)
 
 

@@ -125,7 +125,8 @@ def test_image_folder_ood_folder(tmp_path):
     hist = run(cfg)
     saved = json.loads((tmp_path / "run" / "ood.json").read_text())
     assert saved["n_images"] == {"blur_s3": 4, "folder": 5} and "ood_folder_acc_main" in hist[-1]
-    assert hist[-1]["ood_acc_main"] == pytest.approx((saved["sets"]["blur_s3"]["main"] + saved["sets"]["folder"]["main"]) / 2)
+    sets = saved["sets"]
+    assert hist[-1]["ood_acc_main"] == pytest.approx((sets["blur_s3"]["main"] + sets["folder"]["main"]) / 2)
     _png_folder(tmp_path / "bad", (("train", 2), ("val", 1)))
     _png_folder(tmp_path / "bad", (("ood", 1),), classes="abce")
     with pytest.raises(ValueError, match="ood/ has class folders"):
