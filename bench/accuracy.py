@@ -7,10 +7,14 @@ momentum ``auto``; ``--steps`` optimizer steps in ``--evals`` epochs, each follo
 the FULL test split). Per (task, shots, method) row: mean +- std over seeds of the main head's and the IB
 head's last-epoch accuracy and of the published protocol (best over epochs of max(main, IB)), and the
 difference to vanilla paired by seed (same few-shot draw, same augmentation seed) with its 95% confidence
-interval (Student t, n - 1 degrees of freedom).
+interval (Student t, n - 1 degrees of freedom). OOD: the main head of the final model on the shifted test sets
+(``concept_kernels.train.ood``: the test images corrupted per ``--ood-corruptions`` x ``--ood-severities``, at most
+``--ood-limit`` each), the mean over the sets per seed, and its paired difference to vanilla.
 
 Resumable: each finished run leaves ``result.json`` in its folder under ``--runs`` and is not redone; an
-interrupted run continues from its checkpoint. The report is rewritten from every finished run after each
+interrupted run continues from its checkpoint. A finished run without OOD accuracy for the requested shifted
+sets (trained before they existed, or with other OOD flags) gets it post hoc from its final ``checkpoint.pt``
+(no retraining), stored in its ``result.json`` ("ood"). The report is rewritten from every finished run after each
 run, so a partial grid still gives a (partial) table.
 
     python bench/accuracy.py                                   # the default grid (see --help)
@@ -34,6 +38,8 @@ import torch
 from concept_kernels.train import METHODS, Config, run
 from concept_kernels.train.data import BUILTIN
 from concept_kernels.train.demo import demo_config
+from concept_kernels.train.eval import shifted_accuracy
+from concept_kernels.train.ood import OOD_JSON, ShiftSpec
 
 HERE = Path(__file__).resolve().parent
 METRICS = ("main", "ib", "best")
@@ -48,15 +54,37 @@ def run_config(task: str, shots: int, method: str, seed: int, steps: int, evals:
     return cfg
 
 
-def run_once(cfg: Config) -> dict:
-    """Train ``cfg`` unless its result.json exists (then load it); returns the result record."""
+def fill_ood(rec: dict, out: Path, spec: ShiftSpec) -> dict:
+    """``rec`` with "ood" for ``spec`` from the run's final ``<out>/checkpoint.pt`` (evaluated now). The
+    checkpoint must be the one that wrote ``rec``: its history equal to rec["history"] (SystemExit otherwise);
+    checkpoints from before content digests (the digest-less ones) are accepted on that check."""
+    result, ckpt = shifted_accuracy(out / "checkpoint.pt", spec, require_digest=False)
+    if ckpt["history"] != rec["history"]:
+        raise SystemExit(f"{out / 'checkpoint.pt'} is not the final checkpoint of {out / 'result.json'} (their "
+                         "histories differ): cannot add its OOD accuracy post hoc")
+    return {**rec, "ood": dict(result, source="post hoc, from checkpoint.pt", digest="sha256" in ckpt)}
+
+
+def _write_record(done: Path, rec: dict) -> None:
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(rec))
+    os.replace(tmp, done)
+
+
+def run_once(cfg: Config, spec: ShiftSpec | None = None) -> dict:
+    """Train ``cfg`` unless its result.json exists (then load it, adding OOD accuracy for ``spec`` post hoc
+    when it lacks it: :func:`fill_ood`); returns the result record."""
     out = Path(cfg.out)
     done = out / "result.json"
     setting = {k: getattr(cfg, k) for k in ("epochs", "iters_per_epoch", "test_limit", "lr", "batch_size")}
+    wants_ood = spec is not None and bool(spec.corruptions)
     if done.exists():
         rec = json.loads(done.read_text())
         if rec.get("setting") != setting:
             raise SystemExit(f"{done} was trained with {rec.get('setting')}, not {setting}: pass another --runs")
+        if wants_ood and (rec.get("ood") or {}).get("setting") != spec.setting():
+            rec = fill_ood(rec, out, spec)
+            _write_record(done, rec)
         return rec
     cfg.resume = (out / "checkpoint.pt").exists()
     cfg.overwrite = not cfg.resume
@@ -68,10 +96,23 @@ def run_once(cfg: Config) -> dict:
                steps=hist[-1]["step"], history=hist, threads=torch.get_num_threads(), setting=setting)
     if "acc_ib" in hist[-1]:
         rec["ib"] = hist[-1]["acc_ib"]
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rec))
-    os.replace(tmp, done)
+    if wants_ood:  # the trainer evaluated the final model on cfg's shifted sets (= spec) into ood.json
+        ood = json.loads((out / OOD_JSON).read_text()) if (out / OOD_JSON).exists() else {}
+        if ood.get("setting") == spec.setting() and ood.get("epoch") == cfg.epochs:
+            rec["ood"] = dict({k: v for k, v in ood.items() if k not in ("epoch", "id")}, source="training",
+                              digest=True)
+        else:  # (a run that had finished before: its ood.json is missing or for other flags)
+            rec = fill_ood(rec, out, spec)
+    _write_record(done, rec)
     return rec
+
+
+def ood_main(rec: dict, spec: ShiftSpec | None) -> float | None:
+    """The record's main-head accuracy, mean over the shifted sets of ``spec`` (None: not evaluated for it)."""
+    ood = rec.get("ood")
+    if spec is None or not ood or ood.get("setting") != spec.setting() or "main" not in ood["mean"]:
+        return None
+    return ood["mean"]["main"]
 
 
 def t_quantile(n: int) -> float:
@@ -98,31 +139,38 @@ def paired_ci(a: list[float], b: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def table_rows(results: dict) -> list[str]:
-    """Markdown rows: results[(task, shots, method)] = {seed: record}."""
+def diff_cell(values: dict, base: dict, seeds: list[int]) -> str:
+    """"mean [95% CI]" of values[s] - base[s] over the seeds both have (a value of None: not there)."""
+    paired = [s for s in seeds if values.get(s) is not None and base.get(s) is not None]
+    if not paired:
+        return "—"
+    m, lo, hi = paired_ci([values[s] for s in paired], [base[s] for s in paired])
+    ci = f"[{lo:+.3f}, {hi:+.3f}]" if len(paired) > 1 else "[no CI: 1 seed]"
+    return f"{m:+.3f} {ci}" + (f" (n={len(paired)})" if len(paired) != len(seeds) else "")
+
+
+def table_rows(results: dict, spec: ShiftSpec | None = None) -> list[str]:
+    """Markdown rows: results[(task, shots, method)] = {seed: record}; OOD columns for ``spec``'s sets."""
     fmt = lambda m, s: f"{m:.3f} ± {s:.3f}"  # noqa: E731
     rows = ["| task | shots/class | method | seeds | acc main | acc IB | best (published) | main - vanilla "
-            "[95% CI] | best - vanilla [95% CI] | s/run |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "[95% CI] | best - vanilla [95% CI] | OOD main | OOD main - vanilla [95% CI] | s/run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     order = ["vanilla", *(m for m in METHODS if m != "vanilla")]  # the baseline of the differences first
     for (task, shots, method), by_seed in sorted(results.items(), key=lambda kv: (
             kv[0][0], kv[0][1], order.index(kv[0][2]))):
         seeds = sorted(by_seed)
         cols = {k: [by_seed[s][k] for s in seeds] for k in METRICS if k in by_seed[seeds[0]]}
-        base = results.get((task, shots, "vanilla"), {})
-        paired = [s for s in seeds if s in base]
-        diffs = []
-        for k in ("main", "best"):
-            if method == "vanilla" or not paired:
-                diffs.append("—")
-                continue
-            m, lo, hi = paired_ci([by_seed[s][k] for s in paired], [base[s][k] for s in paired])
-            ci = f"[{lo:+.3f}, {hi:+.3f}]" if len(paired) > 1 else "[no CI: 1 seed]"
-            diffs.append(f"{m:+.3f} {ci}" + (f" (n={len(paired)})" if len(paired) != len(seeds) else ""))
+        base = results.get((task, shots, "vanilla"), {}) if method != "vanilla" else {}
+        diffs = [diff_cell({s: r[k] for s, r in by_seed.items()}, {s: r[k] for s, r in base.items()}, seeds)
+                 for k in ("main", "best")]
+        ood = {s: ood_main(r, spec) for s, r in by_seed.items()}
+        have = [v for v in ood.values() if v is not None]
+        ood_cell = "—" if not have else fmt(*stats(have)) + (f" (n={len(have)})" if len(have) != len(seeds) else "")
+        ood_diff = diff_cell(ood, {s: ood_main(r, spec) for s, r in base.items()}, seeds)
         wall = stats([by_seed[s]["wall"] for s in seeds])[0]
         rows.append(f"| {task} | {'all' if shots <= 0 else shots} | {method} | {len(seeds)} | "
                     f"{fmt(*stats(cols['main']))} | {fmt(*stats(cols['ib'])) if 'ib' in cols else '—'} | "
-                    f"{fmt(*stats(cols['best']))} | {diffs[0]} | {diffs[1]} | {wall:.0f} |")
+                    f"{fmt(*stats(cols['best']))} | {diffs[0]} | {diffs[1]} | {ood_cell} | {ood_diff} | {wall:.0f} |")
     return rows
 
 
@@ -146,7 +194,21 @@ def commit() -> str:
         return "unknown"
 
 
-def write_report(results: dict, args, argv: list[str], planned: int, report: Path) -> None:
+def ood_text(spec: ShiftSpec | None) -> str:
+    """The report's paragraph on the OOD columns."""
+    if spec is None or not spec.corruptions:
+        return "OOD columns: not evaluated (--ood-corruptions none)."
+    limit = f"the first {spec.limit} evenly spaced" if spec.limit else "all"
+    return (f"OOD main: main-head accuracy of the final model on shifted test sets, {limit} test images "
+            f"corrupted by {', '.join(spec.corruptions)} at severity {', '.join(map(str, spec.severities))} "
+            "(CIFAR-10-C style, `concept_kernels/train/corruptions.py`; the same images and corruption draws for "
+            "every run), the mean over those sets per seed, then mean ± std over seeds; its difference to "
+            "vanilla is paired by seed with a 95% t interval. Runs finished before OOD existed got it post hoc "
+            "from their final checkpoint (no retraining).")
+
+
+def write_report(results: dict, args, argv: list[str], planned: int, report: Path,
+                 spec: ShiftSpec | None = None) -> None:
     from concept_kernels._compat import import_timm
 
     timm = import_timm()
@@ -173,7 +235,7 @@ def write_report(results: dict, args, argv: list[str], planned: int, report: Pat
         "the same values for all, chosen once for the demo.", "",
         "Columns: acc main / acc IB = last-epoch accuracy of each head; best = the published protocol (max "
         "over epochs of max(main, IB), optimistic); differences are paired by seed, with a 95% t interval.",
-        "", *table_rows(results), "",
+        "", ood_text(spec), "", *table_rows(results, spec), "",
         f"![accuracy]({report.with_suffix('.png').name.lower()})", ""]
     report.write_text("\n".join(lines))
     plot(results, report.with_name(report.with_suffix(".png").name.lower()))
@@ -230,8 +292,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--test-limit", type=int, default=0, help="evaluate on the first N test images (0: the full "
                                                              "split; only for smoke runs)")
-    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs, train nothing")
+    p.add_argument("--ood-corruptions", default=Config.ood_corruptions, help="shifted test sets: corruptions "
+                   "(comma-separated, 'all' or 'none'), see concept_kernels/train/corruptions.py")
+    p.add_argument("--ood-severities", default=",".join(map(str, Config.ood_severities)),
+                   help="their severities (1..5)")
+    p.add_argument("--ood-limit", type=int, default=Config.ood_limit, help="test images per shifted set (0: all)")
+    p.add_argument("--report-only", action="store_true", help="write the report from the finished runs, train and "
+                                                              "evaluate nothing")
     args = p.parse_args(argv)
+    try:
+        spec = ShiftSpec.parse(args.ood_corruptions, args.ood_severities, args.ood_limit)
+    except ValueError as e:
+        p.error(str(e))
     tasks, methods = args.tasks.split(","), args.methods.split(",")
     if bad := [t for t in tasks if t not in BUILTIN] + [m for m in methods if m not in METHODS]:
         p.error(f"unknown task or method: {bad}")
@@ -243,19 +315,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.report_only:
         grid_keys = {(t, s, m) for t, s, m, _ in grid}
         write_report({k: v for k, v in collect(runs).items() if k in grid_keys}, args, argv, len(grid),
-                     Path(args.report))
+                     Path(args.report), spec)
         print(f"wrote {args.report} and its plot from the finished runs")
         return 0
     for i, (task, shot, method, seed) in enumerate(grid, 1):
         cfg = run_config(task, shot, method, seed, args.steps, args.evals, runs)
         cfg.progress, cfg.test_limit = False, args.test_limit
+        cfg.ood_corruptions = ",".join(spec.corruptions) or "none"
+        cfg.ood_severities, cfg.ood_limit = spec.severities, spec.limit
         label = f"[{i}/{len(grid)}] {task} shots={'all' if shot <= 0 else shot} {method} seed={seed}"
         print(f"{label}: running", flush=True)
-        rec = run_once(cfg)
+        rec = run_once(cfg, spec)
         ib = f" IB {rec['ib']:.3f}" if "ib" in rec else ""
-        print(f"{label}: main {rec['main']:.3f}{ib} best {rec['best']:.3f} ({rec['wall']:.0f} s)", flush=True)
+        ood = f" OOD main {ood_main(rec, spec):.3f}" if ood_main(rec, spec) is not None else ""
+        print(f"{label}: main {rec['main']:.3f}{ib} best {rec['best']:.3f}{ood} ({rec['wall']:.0f} s)", flush=True)
         write_report({k: v for k, v in collect(runs).items() if k[0] in tasks and k[1] in shots and k[2] in methods},
-                     args, argv, len(grid), Path(args.report))
+                     args, argv, len(grid), Path(args.report), spec)
     print(f"wrote {args.report} and its plot")
     return 0
 

@@ -56,8 +56,9 @@ EPILOG = """examples:
   python -m concept_kernels.train --out runs/mine --resume  # continue after Ctrl-C (exit status 130)
   python -m concept_kernels.train.eval --run runs/mine   # per-head test accuracy + confusion matrix
   torchrun --nproc-per-node 2 -m concept_kernels.train ...  # DDP
-outputs in --out: config.json, checkpoint.pt, best.pt, metrics.jsonl, metrics.csv (+ TensorBoard scalars
-in tensorboard/ when tensorboard is installed)"""
+outputs in --out: config.json, checkpoint.pt, best.pt, metrics.jsonl, metrics.csv, ood.json (accuracy on
+the shifted test sets: --ood-corruptions, --ood-severities, --ood-limit) (+ TensorBoard scalars in
+tensorboard/ when tensorboard is installed)"""
 
 
 def build_parser() -> argparse.ArgumentParser:

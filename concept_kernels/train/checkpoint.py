@@ -177,8 +177,10 @@ def save_checkpoint(path: Path, payload: dict) -> None:
     _write_atomic(Path(path), lambda fh: torch.save(payload, fh))
 
 
-def load_checkpoint(path: Path) -> dict:
-    """torch.load with ``weights_only=True`` and the digest check; any failure is a :class:`CheckpointError`."""
+def load_checkpoint(path: Path, require_digest: bool = True) -> dict:
+    """torch.load with ``weights_only=True`` and the digest check; any failure is a :class:`CheckpointError`.
+    ``require_digest=False`` accepts a checkpoint written before digests existed (no "sha256"; one that has
+    a digest is still checked): only for the caller's own runs whose integrity it checks otherwise."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -187,6 +189,8 @@ def load_checkpoint(path: Path) -> dict:
         raise CheckpointError(f"{path} is not a readable checkpoint (corrupt or truncated?): "
                               f"{type(e).__name__}: {e}") from e
     missing = set(REQUIRED).difference(ckpt if isinstance(ckpt, dict) else ())
+    if missing == {"sha256"} and not require_digest:
+        return ckpt
     if missing == {"sha256"}:
         raise CheckpointError(f"{path} has no content digest (written by an older concept_kernels), so its "
                               "integrity cannot be checked; start a new run")

@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, Subset, TensorDataset
 
 
+BUILTIN_MEAN, BUILTIN_STD = 0.5, 0.5  # the built-in tasks' pixels in [0, 1] -> [-1, 1]
+
+
 def _few_shot(targets: torch.Tensor, num_classes: int, shots: int, seed: int) -> torch.Tensor:
     """Positions of ``shots`` random entries of each class in ``targets`` (drawn with ``seed``)."""
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +41,7 @@ def digits(size: int, shots_per_class: int, seed: int = 0) -> tuple[TensorDatase
     if shots_per_class > 0:
         pool = pool[_few_shot(y[pool], 10, shots_per_class, seed)]
     sets = [TensorDataset(F.interpolate(x[i], size=(size, size), mode="bilinear", align_corners=False)
-                          .sub(0.5).div(0.5).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
+                          .sub(BUILTIN_MEAN).div(BUILTIN_STD).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
     return sets[0], sets[1], [str(k) for k in range(10)]
 
 
@@ -89,7 +92,7 @@ def animals(size: int, shots_per_class: int, seed: int = 0) -> tuple[TensorDatas
     if shots_per_class > 0:
         pool = pool[_few_shot(y[pool], len(ANIMALS), shots_per_class, seed)]
     sets = [TensorDataset(F.interpolate(x[i], size=(size, size), mode="bilinear", align_corners=False)
-                          .sub(0.5).div(0.5).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
+                          .sub(BUILTIN_MEAN).div(BUILTIN_STD).expand(-1, 3, -1, -1), y[i]) for i in (pool, test)]
     return sets[0], sets[1], list(ANIMALS)
 
 
@@ -126,6 +129,29 @@ def image_folder(root: str, size: int, mean: tuple[float, ...], std: tuple[float
         keep = _few_shot(torch.tensor(train.targets), len(train.classes), shots_per_class, seed)
         train = Subset(train, sorted(keep.tolist()))
     return train, test, list(test.classes)
+
+
+def ood_folder(root: str, size: int, mean: tuple[float, ...], std: tuple[float, ...],
+               classes: list[str]) -> Dataset | None:
+    """``root/ood``, a shifted test set next to ``train/`` and ``val/`` (same class folders), transformed as
+    ``val/`` (centre ``size`` crop, normalised); None when ``root/ood`` does not exist."""
+    from .._compat import ensure_torchvision_importable
+
+    folder = Path(root) / "ood"
+    if not folder.is_dir():
+        return None
+    ensure_torchvision_importable()
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(int(round(size / 0.875))), transforms.CenterCrop(size),
+                             transforms.ToTensor(), transforms.Normalize(mean, std)])
+    try:
+        ds = datasets.ImageFolder(str(folder), transform=tf)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise FileNotFoundError(f"--data {root}: ood/ is not a usable ImageFolder: {e}") from e
+    if ds.classes != list(classes):
+        raise ValueError(f"--data {root}: ood/ has class folders {ds.classes}, train/ has {list(classes)}")
+    return ds
 
 
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float], hflip: bool) -> torch.Tensor:

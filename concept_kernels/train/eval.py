@@ -6,7 +6,9 @@ Writes the confusion matrices (``confusion_<best|last>.png``) and a JSON of the 
 The model is rebuilt from the checkpoint's own configuration (:func:`load_tuner`; no pretrained weights
 are fetched, the checkpoint's replace them) and evaluated on the test split (ID) of the run's data
 (``--data`` when it moved): an ImageFolder's ``val/``, a built-in task's test half. The IB head samples
-its latent in eval mode as published, so ``--seed`` fixes its draws.
+its latent in eval mode as published, so ``--seed`` fixes its draws. The JSON's "ood" holds the accuracy
+on the shifted test sets (:mod:`.ood`; ``--ood-corruptions``, ``--ood-severities``, ``--ood-limit``,
+by default the run's own settings; ``--ood-corruptions none`` skips them).
 
 In Python::
 
@@ -28,7 +30,8 @@ from .backbones import create_backbone
 from .checkpoint import BEST, CHECKPOINT, CheckpointError, load_checkpoint, write_json
 from .model import ConceptTuner
 from .runtime import HelpFormatter, missing_extra_message, resolve_threads, resolve_workers
-from .trainer import Config, batches, build_data, build_model, builtin_task
+from .ood import ShiftSpec, summary_line
+from .trainer import Config, batches, build_data, build_model, builtin_task, shifted_evaluator
 
 WHICH = {"best": BEST, "last": CHECKPOINT}
 
@@ -44,11 +47,14 @@ def config_from_dict(saved: dict) -> Config:
     return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})
 
 
-def _load(path: str | Path, device: torch.device | str = "cpu") -> tuple[ConceptTuner, Config, dict]:
+def load_run(path: str | Path, device: torch.device | str = "cpu",
+             require_digest: bool = True) -> tuple[ConceptTuner, Config, dict]:
+    """(model, config, the checkpoint's dict) as :func:`load_tuner`; ``require_digest``: see
+    :func:`.checkpoint.load_checkpoint`."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, require_digest)
     cfg = config_from_dict(ckpt["config"])
     if "head.weight" not in ckpt["model"]:
         raise CheckpointError(f"{path}: the model has no 'head.weight', so its class count is unknown")
@@ -67,8 +73,19 @@ def load_tuner(path: str | Path, device: torch.device | str = "cpu") -> tuple[Co
     (digest-checked) loaded, in eval mode on ``device``. ``model.predict(x)`` with x (B, 3, S, S),
     S = ``config.image_size``, normalised as the training data, gives {"main": (B, Cls) logits, "ib":
     (B, Cls) logits (concept only)}."""
-    model, cfg, _ = _load(path, device)
+    model, cfg, _ = load_run(path, device)
     return model, cfg
+
+
+def shifted_accuracy(path: str | Path, spec: ShiftSpec, device: torch.device | str = "cpu",
+                     require_digest: bool = True) -> tuple[dict | None, dict]:
+    """(accuracy on the shifted test sets of ``spec`` (:func:`.ood.evaluate_shifted`; None when ``spec``
+    has none), the checkpoint's dict) of a run's checkpoint, on the test split of the run's own data
+    (its ``test_limit`` applied, as in training), so a finished run gets its OOD accuracy post hoc."""
+    model, cfg, ckpt = load_run(path, device, require_digest)
+    _, test_set, names = build_data(cfg, model.backbone)
+    evaluate_ood = shifted_evaluator(cfg, model.backbone, names, torch.device(device), spec)
+    return (None if evaluate_ood is None else evaluate_ood(model, test_set)), ckpt
 
 
 @torch.no_grad()
@@ -139,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-limit", type=int, default=0, help="evaluate the first N test images (0: all)")
     p.add_argument("--batch-size", type=int, default=100, help="evaluation batch size")
     p.add_argument("--seed", type=int, default=0, help="torch seed (the IB head samples its latent)")
+    p.add_argument("--ood-corruptions", default=None, help="shifted test sets: corruptions (comma-separated, "
+                   "'all' or 'none'; default: the run's --ood-corruptions)")
+    p.add_argument("--ood-severities", default=None, help="their severities 1..5, comma-separated (default: the run's)")
+    p.add_argument("--ood-limit", type=int, default=None, help="images per shifted set (0: all; default: the run's)")
     p.add_argument("--out", default=None, help="where the JSON and the PNG go (default: --run)")
     p.add_argument("--no-plot", action="store_true", help="skip the confusion-matrix PNG (needs matplotlib)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: auto, as the trainer)")
@@ -159,7 +180,7 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         raise CheckpointError(f"--checkpoint {args.checkpoint}: {path} does not exist{hint}")
     torch.set_num_threads(resolve_threads(args.threads)[0])
     device = torch.device(args.device)
-    model, cfg, ckpt = _load(path, device)
+    model, cfg, ckpt = load_run(path, device)
     cfg = dataclasses.replace(cfg, data=args.data or cfg.data, test_limit=args.test_limit)
     workers = resolve_workers(args.workers, builtin_task(cfg) is None)[0]
     _, test_set, names = build_data(cfg, model.backbone)
@@ -167,18 +188,25 @@ def evaluate_run(args: argparse.Namespace) -> dict:
         raise ValueError(f"--data {cfg.data}: {len(names)} classes, the checkpoint's model has {model.num_classes}")
     torch.manual_seed(args.seed)
     counts = confusion_matrices(model, test_set, device, len(names), args.batch_size, workers)
+    spec = ShiftSpec.parse(*(cfg_value if arg is None else arg for arg, cfg_value in (
+        (args.ood_corruptions, cfg.ood_corruptions), (args.ood_severities, cfg.ood_severities),
+        (args.ood_limit, cfg.ood_limit))))
+    evaluate_ood = shifted_evaluator(cfg, model.backbone, names, device, spec, workers)
+    ood = evaluate_ood(model, test_set) if evaluate_ood is not None else None
     state = ckpt["state"]
     logged = next((r for r in ckpt["history"] if r["epoch"] == state["epoch"]), None)
     result = dict(run=str(run_dir), checkpoint=str(path), epoch=state["epoch"], step_in_epoch=state["step_in_epoch"],
                   global_step=state["global_step"], data=cfg.data or "builtin:digits", split="test",
                   n_test=len(test_set), seed=args.seed, classes=names, **summarize(counts),
-                  logged_at_training=logged)
+                  logged_at_training=logged, ood=ood)
     out = Path(args.out or run_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / f"eval_{args.checkpoint}.json", result)
     heads = ", ".join(f"{h} {r['acc']:.4f}" for h, r in result["heads"].items())
     print(f"{path} (epoch {state['epoch']}, step {state['global_step']}) on {result['data']} test split, "
           f"{len(test_set)} images: accuracy {heads}; max over heads {result['acc']:.4f}")
+    if ood is not None:
+        print(summary_line(ood, {h: r["acc"] for h, r in result["heads"].items()}))
     print(f"wrote {out / f'eval_{args.checkpoint}.json'}", flush=True)
     if not args.no_plot:
         png = out / f"confusion_{args.checkpoint}.png"

@@ -42,6 +42,19 @@ def weight_decay_note(cfg, optimizer: torch.optim.Optimizer | None) -> str:
     return f"weight decay {per_group}: set by the method (--weight-decay {cfg.weight_decay:g})"
 
 
+def ood_settings(cfg) -> str:
+    """The shifted (OOD) test sets of ``cfg`` in words."""
+    from .corruptions import parse_corruptions
+
+    names = parse_corruptions(cfg.ood_corruptions)
+    when = "after every epoch" if cfg.ood_every_epoch else "on the final model"
+    sets = (f"{', '.join(names)} at severity {','.join(map(str, cfg.ood_severities))}" if names
+            else "no corruptions (--ood-corruptions none)")
+    folder = "" if cfg.data is None or cfg.data.startswith("builtin:") else ", and the ImageFolder's ood/ if present"
+    limit = f"up to {cfg.ood_limit}" if cfg.ood_limit > 0 else "all"
+    return f"{sets}{folder}; {limit} test images each, {when}"
+
+
 def startup_summary(cfg, *, data: str, shots_note: str, n_train: int, n_test: int, classes: int, model,
                     device: torch.device, world: int, threads: tuple[int, str], workers: tuple[int, str],
                     steps: int, backbone_mult: float, tensorboard_note: str,
@@ -66,7 +79,9 @@ def startup_summary(cfg, *, data: str, shots_note: str, n_train: int, n_test: in
         f"data workers: {workers[0]} ({workers[1]})",
         f"steps: {steps} per epoch x {cfg.epochs} epochs = {steps * cfg.epochs} (batch {cfg.batch_size}"
         f"{f' x {world} ranks' if world > 1 else ''})",
-        f"output: {cfg.out}/ (config.json, checkpoint.pt, best.pt, metrics.jsonl, metrics.csv); {tensorboard_note}",
+        f"shifted test sets: {ood_settings(cfg)}",
+        f"output: {cfg.out}/ (config.json, checkpoint.pt, best.pt, metrics.jsonl, metrics.csv, ood.json); "
+        f"{tensorboard_note}",
     ]
     return "\n".join(lines)
 

@@ -30,9 +30,10 @@ from .backbones import create_backbone
 from .checkpoint import (BEST, CHECKPOINT, CONFIG_JSON, CheckpointError, OutputDir,  # noqa: F401
                          check_resume_config, copy_checkpoint, load_checkpoint, rng_state, save_checkpoint,
                          set_rng_state, write_json, write_metrics)  # (CheckpointError: re-exported)
-from .data import builtin, image_folder, make_views
+from .data import BUILTIN_MEAN, BUILTIN_STD, builtin, image_folder, make_views, ood_folder
 from .methods import REGISTRY as METHOD_REGISTRY
 from .model import ConceptTuner
+from .ood import OOD_JSON, ShiftSpec, evaluate_shifted, metric_row, summary_line
 from .report import TensorBoardScalars, startup_summary
 from .runtime import resolve_threads, resolve_workers
 
@@ -175,6 +176,13 @@ class Config:
                                        "p(y_s | y_t) (needs a pretrained backbone with its classifier)")
     bn_momentum: float | None = _doc(0.1, "backbone BN momentum (<0: keep the model's)")  # None: keep it
     test_limit: int = _doc(0, "evaluate on the first N test images (0: all)")
+    ood_corruptions: str = _doc("all", "shifted (OOD) test sets: corruptions of the test images, comma-separated "
+                                       "from gaussian_noise, blur, contrast, affine; 'all' or 'none'. Evaluated "
+                                       "on the final model (<out>/ood.json, ood_* metrics); an ImageFolder's ood/ "
+                                       "folder, when present, is one more shifted set")
+    ood_severities: tuple[int, ...] = _doc((3,), "corruption severities, 1..5 (CIFAR-10-C's scale)")
+    ood_limit: int = _doc(200, "test images per shifted set, evenly spaced over the test split (0: all)")
+    ood_every_epoch: bool = _doc(False, "evaluate the shifted sets after every epoch, not only the last")
     min_crop: float | None = _doc(None, "min crop area of views 0/1 (default 0.2; built-in tasks 0.6)")
     hflip: bool | None = _doc(None, "default: off for digits, on otherwise")
     progress: bool = True
@@ -227,19 +235,47 @@ def builtin_task(cfg: Config) -> str | None:
     return cfg.data.removeprefix("builtin:") if cfg.data.startswith("builtin:") else None
 
 
+def normalization(cfg: Config, backbone: torch.nn.Module) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that map ``cfg``'s data pixels in [0, 1] to the model's input: 0.5/0.5 for
+    a built-in task, ``backbone``'s pretrained mean/std (default ImageNet's) for an ImageFolder."""
+    if builtin_task(cfg) is not None:
+        return (BUILTIN_MEAN,) * 3, (BUILTIN_STD,) * 3
+    dc = getattr(backbone, "pretrained_cfg", {}) or {}
+    return tuple(dc.get("mean", (0.485, 0.456, 0.406))), tuple(dc.get("std", (0.229, 0.224, 0.225)))
+
+
 def build_data(cfg: Config, backbone: torch.nn.Module):
     """(train_set, test_set, class names) for ``cfg`` (shots: :func:`resolve_shots`; ``test_limit`` applied);
-    an ImageFolder is normalised with ``backbone``'s pretrained mean/std."""
+    normalised per :func:`normalization`."""
     task, shots = builtin_task(cfg), resolve_shots(cfg)[0]
     if task is not None:
         train_set, test_set, names = builtin(task, cfg.image_size, shots, cfg.seed)
     else:
-        dc = getattr(backbone, "pretrained_cfg", {}) or {}
-        train_set, test_set, names = image_folder(cfg.data, cfg.image_size, dc.get("mean", (0.485, 0.456, 0.406)),
-                                                  dc.get("std", (0.229, 0.224, 0.225)), shots, cfg.seed)
+        train_set, test_set, names = image_folder(cfg.data, cfg.image_size, *normalization(cfg, backbone), shots,
+                                                  cfg.seed)
     if 0 < cfg.test_limit < len(test_set):
         test_set = torch.utils.data.Subset(test_set, range(cfg.test_limit))
     return train_set, test_set, names
+
+
+def shift_spec(cfg: Config) -> ShiftSpec:
+    """The shifted test sets ``cfg`` asks for (ValueError for unknown corruptions or severities)."""
+    return ShiftSpec.parse(cfg.ood_corruptions, cfg.ood_severities, cfg.ood_limit)
+
+
+def shifted_evaluator(cfg: Config, backbone: torch.nn.Module, names: list[str], device: torch.device,
+                      spec: ShiftSpec | None = None, workers: int = 0) -> Callable | None:
+    """``f(model, test_set) -> ood result`` (:func:`.ood.evaluate_shifted`) for ``cfg``'s shifted sets, with
+    its ImageFolder's ``ood/`` folder when present; None when ``cfg`` asks for no shifted set."""
+    spec = spec or shift_spec(cfg)
+    folder = None
+    if builtin_task(cfg) is None and spec.folder:
+        folder = ood_folder(cfg.data, cfg.image_size, *normalization(cfg, backbone), names)
+    if not spec.corruptions and folder is None:
+        return None
+    mean, std = normalization(cfg, backbone)
+    return lambda model, test_set: evaluate_shifted(model, test_set, spec, mean, std, device, folder=folder,
+                                                    workers=workers)
 
 
 def build_model(cfg: Config, backbone: torch.nn.Module, num_classes: int, device: torch.device) -> ConceptTuner:
@@ -319,6 +355,7 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
     workers = resolve_workers(cfg.workers, builtin_task(cfg) is None, local_ranks)
     torch.set_num_threads(threads[0])
     shots, shots_note = resolve_shots(cfg)
+    spec = shift_spec(cfg)  # (bad corruption names fail before anything is built)
     # the resolved values are the run's record (config.json, the checkpoint, resume checks)
     cfg = dataclasses.replace(cfg, shots_per_class=shots, threads=threads[0], workers=workers[0])
     out, ckpt_path = Path(cfg.out), Path(cfg.out) / CHECKPOINT
@@ -333,6 +370,7 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
     np.random.seed(cfg.seed)
     random.seed(cfg.seed)
     model, train_set, test_set, names = build(cfg, device)
+    evaluate_ood = shifted_evaluator(cfg, model.backbone, names, device, spec, workers[0])
     task = builtin_task(cfg)
     hflip = task != "digits" if cfg.hflip is None else cfg.hflip  # flips change digits
     min_crop = cfg.min_crop or (0.2 if task is None else 0.6)  # 20% crops of a 8x8 / 28x28 image are strokes
@@ -474,6 +512,13 @@ def _run(cfg: Config, on_step: Callable[[int, ConceptTuner], None] | None) -> Hi
                 print(f"[{cfg.method}] epoch {row['epoch']}/{cfg.epochs}: loss {row['train_loss']:.3f}, train acc "
                       f"{row['train_acc']:.3f}, test acc main {row['acc_main']:.3f}{ib}, "
                       f"{row['sec_per_step']:.2f} s/step, {row['img_per_sec']:.1f} img/s", flush=True)
+                if evaluate_ood is not None and (epoch + 1 == cfg.epochs or cfg.ood_every_epoch):
+                    ood = evaluate_ood(model, test_set)
+                    row.update(metric_row(ood))
+                    if epoch + 1 == cfg.epochs:
+                        id_acc = {k[4:]: v for k, v in row.items() if k.startswith("acc_")}
+                        write_json(out / OOD_JSON, dict(epoch=epoch + 1, id=id_acc, **ood))
+                        print(f"[{cfg.method}] final model: {summary_line(ood, id_acc)}; {out / OOD_JSON}", flush=True)
             history.append(row)
             state.update(epoch=epoch + 1, step_in_epoch=0)
             improved = rank == 0 and row["acc"] > best_acc

@@ -1,5 +1,6 @@
-"""bench/accuracy.py (`make accuracy`): its statistics against textbook values, and a smoke run of the whole
-harness on both built-in tasks (report rows, pairing by seed, resumability, a changed setting refused)."""
+"""bench/accuracy.py (`make accuracy`): its statistics against textbook values, a smoke run of the whole
+harness on both built-in tasks (report rows, pairing by seed, resumability, a changed setting refused), and
+OOD accuracy added post hoc to finished runs (from their checkpoint, without retraining)."""
 import importlib.util
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +38,7 @@ def test_smoke_run_is_paired_resumable_and_guarded(acc, tmp_path, capsys):
     runs, report = tmp_path / "runs", tmp_path / "ACC.md"
     args = ["--tasks", "digits,animals", "--shots", "2", "--seeds", "2", "--methods", "vanilla,concept",
             "--steps", "2", "--evals", "1", "--test-limit", "20", "--threads", "1", "--runs", str(runs),
-            "--report", str(report)]
+            "--report", str(report), "--ood-limit", "8"]
     assert acc.main(args) == 0
     text = report.read_text()
     rows = [line for line in text.splitlines() if line.startswith("| digits") or line.startswith("| animals")]
@@ -44,6 +46,7 @@ def test_smoke_run_is_paired_resumable_and_guarded(acc, tmp_path, capsys):
     concept = next(r for r in rows if r.startswith("| digits | 2 | concept"))
     cells = [c.strip() for c in concept.strip("|").split("|")]
     assert cells[3] == "2" and "±" in cells[5] and "[" in cells[7]  # seeds, IB head, paired CI
+    assert "±" in cells[9] and "[" in cells[10]  # OOD main, its paired CI
     results = acc.collect(runs)
     assert set(results) == {(t, 2, m) for t in ("digits", "animals") for m in ("vanilla", "concept")}
     rec = results[("digits", 2, "concept")][1]
@@ -67,5 +70,42 @@ def test_smoke_run_is_paired_resumable_and_guarded(acc, tmp_path, capsys):
     assert report.read_text().count("| digits | 2 |") == 2
     # a finished run trained with another setting is refused, not mixed into the table
     with pytest.raises(SystemExit, match="pass another --runs"):
-        acc.main([*args[:-4], "--steps", "4", "--runs", str(runs), "--report", str(report)])
+        acc.main([*args[:-6], "--steps", "4", "--runs", str(runs), "--report", str(report)])
     assert json.loads(done.read_text())["setting"]["iters_per_epoch"] == 2
+
+
+def test_ood_is_filled_post_hoc_for_finished_runs(acc, tmp_path, capsys):
+    """A finished run as trained before OOD existed (no "ood" in result.json, a checkpoint without digest)
+    gets the same OOD numbers post hoc as the trainer gave at the end of training, without retraining."""
+    runs, report = tmp_path / "runs", tmp_path / "ACC.md"
+    args = ["--tasks", "digits", "--shots", "2", "--seeds", "1", "--methods", "vanilla", "--steps", "2", "--evals",
+            "1", "--test-limit", "20", "--threads", "1", "--runs", str(runs), "--report", str(report),
+            "--ood-limit", "8"]
+    assert acc.main(args) == 0
+    folder = runs / "digits" / "shots2" / "vanilla" / "seed0"
+    trained = json.loads((folder / "result.json").read_text())
+    assert trained["ood"]["source"] == "training" and trained["ood"]["n_images"]["blur_s3"] == 8
+    legacy = {k: v for k, v in trained.items() if k != "ood"}
+    (folder / "result.json").write_text(json.dumps(legacy))
+    ckpt = torch.load(folder / "checkpoint.pt", weights_only=True)
+    del ckpt["sha256"]
+    torch.save(ckpt, folder / "checkpoint.pt")
+    weights = (folder / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert acc.main(args) == 0
+    assert "epoch" not in capsys.readouterr().out  # not retrained
+    rec = json.loads((folder / "result.json").read_text())
+    assert rec["ood"]["source"].startswith("post hoc") and rec["ood"]["digest"] is False
+    assert {k: rec[k] for k in legacy} == legacy and (folder / "checkpoint.pt").read_bytes() == weights
+    assert rec["ood"]["sets"] == trained["ood"]["sets"] and rec["ood"]["mean"] == trained["ood"]["mean"]
+    row = next(line for line in report.read_text().splitlines() if line.startswith("| digits | 2 | vanilla"))
+    assert row.split("|")[10].strip() == f"{trained['ood']['mean']['main']:.3f} ± 0.000"
+    # other OOD flags: evaluated again post hoc
+    assert acc.main([*args, "--ood-corruptions", "contrast", "--ood-severities", "1,5"]) == 0
+    rec = json.loads((folder / "result.json").read_text())
+    assert set(rec["ood"]["sets"]) == {"contrast_s1", "contrast_s5"} and rec["history"] == legacy["history"]
+    # a checkpoint that did not write this result.json is refused
+    rec["history"][0]["acc_main"] += 0.5
+    (folder / "result.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "ood"}))
+    with pytest.raises(SystemExit, match="histories differ"):
+        acc.main(args)

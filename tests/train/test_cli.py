@@ -182,8 +182,11 @@ def test_summary_config_csv_and_tensorboard(tmp_path, capsys, monkeypatch):
     with open(out / "metrics.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert len(rows) == len(table) == 2
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # the last row adds the OOD metrics
+    assert any(k.startswith("ood_") for k in columns) and not any(k.startswith("ood_") for k in rows[0])
     for row, rec in zip(rows, table):
-        assert list(rec) == list(row) and all(float(rec[k]) == float(v) for k, v in row.items())
+        assert list(rec) == columns and all(float(rec[k]) == float(v) for k, v in row.items())
+        assert all(rec[k] == "" for k in columns if k not in row)
 
     (writer,) = _FakeWriter.made
     assert Path(writer.log_dir) == out / "tensorboard" and writer.closed

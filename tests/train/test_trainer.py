@@ -111,3 +111,22 @@ def test_demo_refuses_foreign_output_dir(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     assert demo_main(["--out", str(tmp_path)]) == 2
     assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_demo_table_has_the_ood_column_and_its_paired_difference(capsys):
+    from concept_kernels.train import demo
+
+    def hist(main, ood, ib=None):
+        row = dict(epoch=1, acc_main=main, acc=max(main, ib or 0.0), ood_acc_main=ood, sec_per_step=0.1)
+        return [dict(row, acc_ib=ib) if ib is not None else row]
+
+    results = {"vanilla": dict(hists=[hist(0.5, 0.3), hist(0.6, 0.4)], wall=1.0, sec_per_step=0.1),
+               "concept": dict(hists=[hist(0.7, 0.2, 0.6), hist(0.6, 0.5, 0.6)], wall=1.0, sec_per_step=0.1)}
+    for r in results.values():
+        r.update(demo.summarize(r["hists"]))
+    demo._print_table(results, 2)
+    out = capsys.readouterr().out
+    assert "OOD main" in out.splitlines()[1]
+    vanilla = next(line for line in out.splitlines() if line.startswith("vanilla "))
+    assert "0.350 ± 0.071" in vanilla  # OOD: mean of 0.3, 0.4; sample std 0.0707
+    assert "OOD main 0.000 ± 0.141" in out  # paired by seed: 0.2 - 0.3, 0.5 - 0.4
