@@ -23,7 +23,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -64,13 +63,7 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    if os.environ.get("BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("bench_threads")  # BENCH_THREADS=<n> (bench/conftest.py)
 
 
 @functools.cache

@@ -23,7 +23,6 @@ less noisy than 2.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Dict
 
@@ -78,13 +77,7 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _threads():
-    n = torch.get_num_threads()
-    if os.environ.get("BENCH_THREADS"):
-        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("bench_threads")  # BENCH_THREADS=<n> (bench/conftest.py)
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -204,6 +204,16 @@ def bench() -> BenchHelper:
     return BenchHelper()
 
 
+@pytest.fixture
+def bench_threads():
+    """torch's thread count from ``BENCH_THREADS`` for one benchmark (restored after); unset: unchanged."""
+    n = torch.get_num_threads()
+    if os.environ.get("BENCH_THREADS"):
+        torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_clean_env(monkeypatch):
     """Every benchmark starts from seed 0 and with no forced backend."""

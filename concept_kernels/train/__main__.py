@@ -14,10 +14,9 @@ import sys
 from .methods import REGISTRY as METHOD_REGISTRY
 from .methods.named_blocks import BLOCKS
 from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
-from .runtime import HelpFormatter, missing_extra_message
-from .trainer import CheckpointError, Config, run
+from .runtime import EXIT_INTERRUPTED, HelpFormatter, run_cli
+from .trainer import Config, run
 
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell convention for Ctrl-C
 
 
 def _float_or_auto(s: str) -> float | str:
@@ -93,20 +92,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
-    try:
-        history = run(cfg)
-    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
-        print("\ninterrupted: nothing saved since the last checkpoint", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except ImportError as e:
-        message = missing_extra_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, FileExistsError, CheckpointError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    history, status = run_cli(lambda: run(cfg), "interrupted: nothing saved since the last checkpoint")
+    if status is not None:  # (Ctrl-C before training started or a second one; bad input)
+        return status
     if getattr(history, "interrupted", False):
         return EXIT_INTERRUPTED
     if history and "acc" in history[-1]:

@@ -29,7 +29,7 @@ import torch
 from .backbones import create_backbone
 from .checkpoint import BEST, CHECKPOINT, CheckpointError, load_checkpoint, write_json
 from .model import ConceptTuner
-from .runtime import HelpFormatter, missing_extra_message, resolve_threads, resolve_workers
+from .runtime import HelpFormatter, resolve_threads, resolve_workers, run_cli
 from .ood import ShiftSpec, summary_line
 from .trainer import Config, batches, build_data, build_model, builtin_task, shifted_evaluator
 
@@ -220,18 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threads_before = torch.get_num_threads()
     try:
-        evaluate_run(args)
-    except ImportError as e:
-        message = missing_extra_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}" + ("; or pass --no-plot" if (e.name or "").startswith("matplotlib") else ""), file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        status = run_cli(lambda: evaluate_run(args), import_hint=lambda e: (
+            "; or pass --no-plot" if (e.name or "").startswith("matplotlib") else ""))[1]
     finally:
         torch.set_num_threads(threads_before)
+    if status is not None:
+        return status
     return 0
 
 

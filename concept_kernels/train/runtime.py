@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Iterable
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 SYSFS_CPU = "/sys/devices/system/cpu"
@@ -92,6 +93,33 @@ def missing_extra_message(error: ImportError) -> str | None:
     return (f"the training module needs {name!r}, which is not installed: pip install 'concept_kernels[train]' "
             f"torch=={pin} (pin torch in the same command or timm's torchvision replaces it; for a CPU-only "
             "torch add --extra-index-url https://download.pytorch.org/whl/cpu)")
+
+
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130  # bad input (one line on stderr); Ctrl-C (128 + SIGINT)
+# the errors a CLI reports as one line (CheckpointError is a RuntimeError); anything else is a bug: traceback
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, RuntimeError)
+
+
+def run_cli(call: Callable[[], object], interrupted: str = "interrupted",
+            import_hint: Callable[[ImportError], str] = lambda e: "",
+            errors: tuple[type[Exception], ...] = USER_ERRORS) -> tuple[object, int | None]:
+    """``(call(), None)``, or ``(None, exit status)`` after one line on stderr: :data:`EXIT_INTERRUPTED`
+    on Ctrl-C (``interrupted``), :data:`EXIT_USER_ERROR` for a missing ``train`` extra (its pip command,
+    + ``import_hint(error)``) or one of ``errors`` (its message). Other errors propagate."""
+    try:
+        return call(), None
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return None, EXIT_INTERRUPTED
+    except ImportError as e:
+        message = missing_extra_message(e)
+        if message is None:
+            raise
+        print(f"error: {message}{import_hint(e)}", file=sys.stderr)
+        return None, EXIT_USER_ERROR
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, EXIT_USER_ERROR
 
 
 def resolve_threads(value: int | None, local_ranks: int = 1) -> tuple[int, str]:

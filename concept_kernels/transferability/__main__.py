@@ -122,27 +122,17 @@ def rank_models(args: argparse.Namespace, cache_dir: str | None = None) -> tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..train.runtime import default_threads, missing_extra_message
+    from ..train.runtime import USER_ERRORS, default_threads, run_cli
 
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.threads < 0:
         parser.error(f"--threads must be >= 0, got {args.threads}")
     torch.set_num_threads(args.threads or default_threads()[0])
-    try:
-        candidates, images = rank_models(args)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    except ImportError as e:
-        message = missing_extra_message(e)
-        if message is None:
-            raise
-        print(f"error: {message}", file=sys.stderr)
-        return 2
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    ranking, status = run_cli(lambda: rank_models(args), errors=(*USER_ERRORS, TypeError))
+    if status is not None:
+        return status
+    candidates, images = ranking
     print(format_table(candidates))
     if any(c.weights != "pretrained" for c in candidates):
         print("note: RANDOM INIT rows have no pretrained weights; their KITE compares two random networks")

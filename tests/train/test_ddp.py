@@ -1,12 +1,8 @@
 """DDP on CPU (gloo, 2 processes via torchrun): keys are all-gathered before enqueue, so every rank
 holds the same queues although each rank sees different images."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from ddp_harness import run_two_ranks
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -39,17 +35,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_ddp_queues_equal_across_ranks(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
-    result = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("CONCEPT_KERNELS_BACKEND", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(script), str(tmp_path / "run"), str(result)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    seen = json.loads(result.read_text())
+    seen = run_two_ranks(SCRIPT, tmp_path, tmp_path / "run")
     assert sorted(seen) == ["1", "2", "3"]
     for step, s in seen.items():
         assert s["finite"] and s["queues_equal"] and s["heads_equal"], (step, s)

@@ -2,13 +2,9 @@
 gradients over the ranks, so both ranks set the same per-tensor lrs and their weights stay equal although
 each rank measures on its own batches; lpft is refused with a clear error (its backbone becomes trainable
 after DDP set up its gradient all-reduce)."""
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from ddp_harness import run_two_ranks
 
 SCRIPT = textwrap.dedent("""
     import json, sys
@@ -41,17 +37,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_autorgn_ranks_agree_and_lpft_is_refused(tmp_path):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(SCRIPT)
-    result = tmp_path / "result.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    env.pop("CONCEPT_KERNELS_BACKEND", None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           str(script), str(tmp_path), str(result)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        pytest.fail(f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    seen = json.loads(result.read_text())
+    seen = run_two_ranks(SCRIPT, tmp_path, tmp_path)
     assert sorted(seen) == ["1", "2", "3", "4", "lpft"]
     for step in "1234":
         assert seen[step]["finite"] and seen[step]["equal"], (step, seen[step])
