@@ -127,6 +127,9 @@ class Config:
     lpft_ft_lr_mult: float = _doc(0.1, "lpft: after the probe, every group's lr x this (published style: "
                                        "fine-tune at a smaller lr)")
     # delta
+    lpft_ft_bn: str = _doc("frozen", "lpft: the backbone's batch norms after the probe: frozen (running statistics, "
+                                     "so fine-tuning starts from the features the probe saw) or train (batch "
+                                     "statistics, as plain fine-tuning)")
     delta_alpha: float = _doc(0.01, "delta: weight a of the attention-weighted feature-map distance to the frozen "
                                     "pretrained backbone (delta runs without weight decay)")
     delta_beta: float = _doc(0.01, "delta: weight b of b/2 ||w_head||^2")

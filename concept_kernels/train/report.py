@@ -22,7 +22,8 @@ def method_settings(cfg, model) -> str:
         named = f"{cfg.surgical_block} block = " if cfg.surgical_block else ""
         parts.append(f"train {named}{','.join(model.train_blocks)}")
     if model.method == "lpft":
-        parts.append(f"linear probe for {cfg.lpft_probe_epochs} epochs, then all at lr x{cfg.lpft_ft_lr_mult:g}"
+        parts.append(f"linear probe for {cfg.lpft_probe_epochs} epochs, then all at lr x{cfg.lpft_ft_lr_mult:g} "
+                     f"(batch norms {cfg.lpft_ft_bn})"
                      + (f"; this run's {cfg.epochs} epochs all probe" if cfg.epochs <= cfg.lpft_probe_epochs else ""))
     if model.method == "autorgn":
         parts.append(f"backbone tensor lrs by relative gradient norm, measured on {cfg.rgn_batches} batches/epoch")

@@ -32,8 +32,9 @@ def _train_epoch(net, opt, epoch, steps=3):
 
 
 @pytest.mark.filterwarnings("ignore:Detected call of")
-def test_probe_then_fine_tune(tiny_net):
-    net = _tuner(tiny_net, probe_epochs=2, ft_lr_mult=FT)
+@pytest.mark.parametrize("ft_bn", ["frozen", "train"])
+def test_probe_then_fine_tune(tiny_net, ft_bn):
+    net = _tuner(tiny_net, probe_epochs=2, ft_lr_mult=FT, ft_bn=ft_bn)
     opt = torch.optim.SGD(net.param_groups(LR, MULT), lr=LR, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1, 3], gamma=0.1)
     start_backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}
@@ -57,8 +58,26 @@ def test_probe_then_fine_tune(tiny_net):
             probed_head = net.head.weight.detach().clone()
         else:
             assert all(p.requires_grad for p in net.backbone.parameters()) and net.backbone.training
-            assert all(not torch.equal(state[k], v) for k, v in start_backbone.items()), epoch  # all trains
+            bn_modes = {m.training for m in net.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+            assert bn_modes == {ft_bn == "train"}
+            moved = {k: not torch.equal(state[k], v) for k, v in start_backbone.items()}
+            stats = {k for k in moved if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
+            assert stats and all(moved[k] == (ft_bn == "train") for k in stats), epoch  # statistics: per ft_bn
+            assert all(moved[k] for k in moved if k not in stats), epoch  # every parameter trains
     assert not torch.equal(net.head.weight, probed_head)
+
+
+@pytest.mark.parametrize("ft_bn", ["frozen", "train"])
+def test_fine_tuning_starts_from_the_features_the_probe_saw(tiny_net, ft_bn):
+    """frozen: the first fine-tuning forward (train mode, stage 2) gives the probe's logits (eval-mode BN),
+    bit for bit; train: batch statistics give other logits (the mismatch frozen avoids)."""
+    net = _tuner(tiny_net, probe_epochs=1, ft_bn=ft_bn)
+    x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    net.on_epoch_start(0, torch.optim.SGD(net.param_groups(LR, MULT), lr=LR), sample=None)
+    probe_logits = net.step(x[None], torch.zeros(6, dtype=torch.long))["logits"]
+    net.on_epoch_start(1, torch.optim.SGD(net.param_groups(LR, MULT), lr=LR), sample=None)
+    ft_logits = net.step(x[None], torch.zeros(6, dtype=torch.long))["logits"]
+    assert torch.equal(ft_logits, probe_logits) == (ft_bn == "frozen")
 
 
 def test_stage_one_in_the_trainer_is_the_linear_probe(tmp_path):
@@ -78,7 +97,8 @@ def test_stage_one_in_the_trainer_is_the_linear_probe(tmp_path):
 
 
 @pytest.mark.parametrize("options", [dict(probe_epochs=0), dict(probe_epochs=1.5), dict(probe_epochs=True),
-                                     dict(ft_lr_mult=0.0), dict(ft_lr_mult=-1.0), dict(ft_lr_mult=float("nan"))])
+                                     dict(ft_lr_mult=0.0), dict(ft_lr_mult=-1.0), dict(ft_lr_mult=float("nan")),
+                                     dict(ft_bn="eval")])
 def test_bad_options(tiny_net, options):
     with pytest.raises(ValueError, match=next(iter(options))):
         _tuner(tiny_net, **options)
