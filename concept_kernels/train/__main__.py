@@ -12,7 +12,7 @@ import dataclasses
 import sys
 
 from .methods import REGISTRY as METHOD_REGISTRY
-from .methods.lpft import FT_BN
+from .methods.lpft import FT_BN, PROBES
 from .methods.named_blocks import BLOCKS
 from .model import METHODS, PATCH_MODES, SINKHORN_STOPS
 from .runtime import EXIT_INTERRUPTED, HelpFormatter, run_cli

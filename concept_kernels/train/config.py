@@ -123,7 +123,12 @@ class Config:
     # autorgn
     rgn_batches: int = _doc(2, "autorgn: training batches on which each epoch's gradient norms are measured")
     # lpft
-    lpft_probe_epochs: int = _doc(5, "lpft: epochs of linear probing (frozen backbone) before fine-tuning all")
+    lpft_probe: str = _doc("lbfgs", "lpft: lbfgs (as published: an L2-regularised logistic regression on the frozen "
+                                    "features before the first step) or sgd (probe with SGD for "
+                                    "--lpft-probe-epochs)")
+    lpft_probe_epochs: int = _doc(0, "lpft: epochs of SGD linear probing (frozen backbone) before fine-tuning all "
+                                     "(after the L-BFGS fit with --lpft-probe lbfgs; >= 1 with sgd)")
+    lpft_probe_l2: float = _doc(1e-3, "lpft: L2 weight of the L-BFGS probe")
     lpft_ft_lr_mult: float = _doc(0.1, "lpft: after the probe, every group's lr x this (published style: "
                                        "fine-tune at a smaller lr)")
     # delta

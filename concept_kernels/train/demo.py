@@ -47,7 +47,6 @@ def demo_config(method: str, seed: int, epochs: int, shots: int, test_limit: int
                   lr=0.05, backbone_lr_mult=0.1, schedule="cos", key_momentum="auto", num_patches=9,
                   num_confusing=9, queue_len=10, patch_pixels=24,
                   train_blocks=("blocks.5", "blocks.6", "conv_head", "bn2"), test_limit=test_limit, ood_limit=100,
-                  lpft_probe_epochs=max(1, epochs // 2),  # LP-FT: probe the first half, fine-tune the second
                   progress=False, out=str(out / method / f"seed{seed}"))
 
 

@@ -22,7 +22,10 @@ def method_settings(cfg, model) -> str:
         named = f"{cfg.surgical_block} block = " if cfg.surgical_block else ""
         parts.append(f"train {named}{','.join(model.train_blocks)}")
     if model.method == "lpft":
-        parts.append(f"linear probe for {cfg.lpft_probe_epochs} epochs, then all at lr x{cfg.lpft_ft_lr_mult:g} "
+        probe = (f"L-BFGS probe (l2 {cfg.lpft_probe_l2:g})" if cfg.lpft_probe == "lbfgs" else "")
+        probe += (" + " if probe and cfg.lpft_probe_epochs else "") + (
+            f"SGD probe for {cfg.lpft_probe_epochs} epochs" if cfg.lpft_probe_epochs else "")
+        parts.append(f"{probe}, then all at lr x{cfg.lpft_ft_lr_mult:g} "
                      f"(batch norms {cfg.lpft_ft_bn})"
                      + (f"; this run's {cfg.epochs} epochs all probe" if cfg.epochs <= cfg.lpft_probe_epochs else ""))
     if model.method == "autorgn":

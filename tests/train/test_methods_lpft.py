@@ -34,7 +34,7 @@ def _train_epoch(net, opt, epoch, steps=3):
 @pytest.mark.filterwarnings("ignore:Detected call of")
 @pytest.mark.parametrize("ft_bn", ["frozen", "train"])
 def test_probe_then_fine_tune(tiny_net, ft_bn):
-    net = _tuner(tiny_net, probe_epochs=2, ft_lr_mult=FT, ft_bn=ft_bn)
+    net = _tuner(tiny_net, probe="sgd", probe_epochs=2, ft_lr_mult=FT, ft_bn=ft_bn)
     opt = torch.optim.SGD(net.param_groups(LR, MULT), lr=LR, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [1, 3], gamma=0.1)
     start_backbone = {k: v.clone() for k, v in net.backbone.state_dict().items()}
@@ -71,13 +71,40 @@ def test_probe_then_fine_tune(tiny_net, ft_bn):
 def test_fine_tuning_starts_from_the_features_the_probe_saw(tiny_net, ft_bn):
     """frozen: the first fine-tuning forward (train mode, stage 2) gives the probe's logits (eval-mode BN),
     bit for bit; train: batch statistics give other logits (the mismatch frozen avoids)."""
-    net = _tuner(tiny_net, probe_epochs=1, ft_bn=ft_bn)
+    net = _tuner(tiny_net, probe="sgd", probe_epochs=1, ft_bn=ft_bn)
     x = torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     net.on_epoch_start(0, torch.optim.SGD(net.param_groups(LR, MULT), lr=LR), sample=None)
     probe_logits = net.step(x[None], torch.zeros(6, dtype=torch.long))["logits"]
     net.on_epoch_start(1, torch.optim.SGD(net.param_groups(LR, MULT), lr=LR), sample=None)
     ft_logits = net.step(x[None], torch.zeros(6, dtype=torch.long))["logits"]
     assert torch.equal(ft_logits, probe_logits) == (ft_bn == "frozen")
+
+
+def test_lbfgs_probe_is_the_regularised_optimum(tmp_path):
+    """probe="lbfgs": before the first step the head minimises mean CE + l2/2 ||W||^2 on the frozen pretrained
+    features of the training images: the objective's gradient, computed here in float64 from features of an
+    independent forward, vanishes at the fitted head (and not at a perturbed one); no epoch probes."""
+    from conftest import tiny_config
+
+    from concept_kernels.train.trainer import build
+
+    cfg = tiny_config(tmp_path, method="lpft", lpft_probe_l2=1e-2)
+    model, train_set, _, _ = build(cfg, torch.device("cpu"))
+    assert all(p.requires_grad for p in model.backbone.parameters())  # probe_epochs 0: fine-tunes from step 1
+    model.prepare(train_set, tmp_path)
+    model.backbone.eval()
+    with torch.no_grad():
+        x, y = train_set.tensors
+        f = model.features(model.backbone, x).mean((2, 3)).double()
+
+    def grad_norm(w, b):
+        w, b = w.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+        loss = torch.nn.functional.cross_entropy(f @ w.T + b, y) + 0.5 * 1e-2 * w.pow(2).sum()
+        gw, gb = torch.autograd.grad(loss, (w, b))
+        return float(torch.cat([gw.flatten(), gb]).norm())
+
+    assert grad_norm(model.head.weight, model.head.bias) < 1e-4
+    assert grad_norm(model.head.weight + 0.01, model.head.bias) > 1e-2
 
 
 def test_stage_one_in_the_trainer_is_the_linear_probe(tmp_path):
@@ -87,7 +114,7 @@ def test_stage_one_in_the_trainer_is_the_linear_probe(tmp_path):
     from concept_kernels.train import run
     from concept_kernels.train.trainer import CHECKPOINT, load_checkpoint
 
-    cfg = tiny_config(tmp_path / "lpft", method="lpft", lpft_probe_epochs=1)
+    cfg = tiny_config(tmp_path / "lpft", method="lpft", lpft_probe="sgd", lpft_probe_epochs=1)
     run(cfg)
     run(dataclasses.replace(cfg, method="linear", out=str(tmp_path / "linear" / "run")))
     a, b = (load_checkpoint(tmp_path / d / "run" / CHECKPOINT)["model"] for d in ("lpft", "linear"))
@@ -96,9 +123,10 @@ def test_stage_one_in_the_trainer_is_the_linear_probe(tmp_path):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.mark.parametrize("options", [dict(probe_epochs=0), dict(probe_epochs=1.5), dict(probe_epochs=True),
+@pytest.mark.parametrize("options", [dict(probe_epochs=1.5), dict(probe_epochs=True),
                                      dict(ft_lr_mult=0.0), dict(ft_lr_mult=-1.0), dict(ft_lr_mult=float("nan")),
-                                     dict(ft_bn="eval")])
+                                     dict(ft_bn="eval"), dict(probe="adam"), dict(probe="sgd", probe_epochs=0),
+                                     dict(probe_epochs=-1), dict(probe_l2=-1.0)])
 def test_bad_options(tiny_net, options):
     with pytest.raises(ValueError, match=next(iter(options))):
         _tuner(tiny_net, **options)
