@@ -72,7 +72,7 @@ BENCH_ARGS ?= -k "not smoke"
 bench: $(BUILD_STAMP)
 	mkdir -p bench/results
 	HF_HUB_OFFLINE=1 $(PY) -m pytest bench/ -q -p no:cacheprovider --benchmark-only --benchmark-json=bench/results/latest.json $(BENCH_ARGS)
-	$(PY) bench/report.py bench/results/latest.json > bench/RESULTS.md.tmp
+	$(PY) bench/report.py bench/results/latest.json bench/RESULTS.md > bench/RESULTS.md.tmp
 	mv bench/RESULTS.md.tmp bench/RESULTS.md
 
 info: $(BUILD_STAMP)

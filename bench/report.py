@@ -1,6 +1,9 @@
 """Render a pytest-benchmark JSON (``make bench``) as the markdown of ``bench/RESULTS.md``.
 
-    python bench/report.py bench/results/latest.json > bench/RESULTS.md
+    python bench/report.py bench/results/latest.json [bench/RESULTS.md] > bench/RESULTS.md.tmp
+
+With the previous RESULTS.md as second argument its last section (KEPT_HEADING: other builds of the
+extension, measured with the ab_*.py scripts) is carried over to the end of the new one.
 
 One table per group ``<op>-<mode>-<shape>``: provider, median, IQR, min, speed-up vs the
 ``reference`` provider (reference median / provider median, > 1 = faster), peak memory
@@ -235,7 +238,8 @@ def render(data: dict) -> str:
         "",
         "which runs `pytest bench/ -q -p no:cacheprovider --benchmark-only --benchmark-json=bench/results/latest.json "
         "-k 'not smoke'` "
-        "and then `python bench/report.py bench/results/latest.json > bench/RESULTS.md`. "
+        "and then `python bench/report.py bench/results/latest.json bench/RESULTS.md > bench/RESULTS.md.tmp` "
+        "(moved to bench/RESULTS.md; the last section, other builds of the extension, is carried over). "
         "Medians of wall time on the host (CUDA synchronised inside each timed call); ratio = reference median / "
         "provider median (> 1 is faster); peak MB = torch allocations of one fwd+bwd call above the level at its "
         "start (see bench/README.md). ot_similarity is the negatives call `select=\"topk\", k=10, eps=0.01, "
@@ -260,12 +264,32 @@ def render(data: dict) -> str:
     return "\n".join(lines)
 
 
+# A last section of RESULTS.md that `make bench` keeps: timings of other builds of the extension
+# (e.g. an x86-64-v3 = AVX2 build) from the ab_*.py scripts, which one pytest-benchmark run cannot
+# give (one process loads one build). Everything from this heading to the end is carried over.
+KEPT_HEADING = "## Other builds of the extension (A/B scripts; kept by report.py)"
+
+
+def kept_section(previous: str) -> str:
+    """The part of a previous RESULTS.md from KEPT_HEADING on ("" when it has none)."""
+    at = previous.find("\n" + KEPT_HEADING + "\n")
+    return previous[at + 1:].rstrip("\n") + "\n" if at >= 0 else ""
+
+
 def main(argv: List[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) not in (2, 3):
         print(__doc__, file=sys.stderr)
         return 2
     with open(argv[1]) as fh:
-        print(render(json.load(fh)))
+        text = render(json.load(fh))
+    if len(argv) == 3:  # the RESULTS.md being replaced: keep its section of other builds
+        try:
+            with open(argv[2]) as fh:
+                kept = kept_section(fh.read())
+        except FileNotFoundError:
+            kept = ""
+        text = text.rstrip("\n") + ("\n\n" + kept if kept else "\n")
+    print(text.rstrip("\n"))
     return 0
 
 

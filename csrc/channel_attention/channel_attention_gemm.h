@@ -9,7 +9,8 @@
 // channel_attention_tiles.h), so one micro-kernel serves all of them.
 //
 // Vectors are 32 bytes (8 floats / 4 doubles): on AVX-512 (AVX-512VL) they are ymm registers
-// of which there are 32, enough for an R x NV = 6 x 4 accumulator block plus operands; Zen 4 runs
+// of which there are 32, enough for an R x NV = 6 x 4 accumulator block plus operands (AVX2 has
+// 16: 6 x 2 there, see Blocks in channel_attention_tiles.h); Zen 4 runs
 // 256-bit FMAs at the same FLOP rate as 512-bit ones, and 8-lane padding of N = 49 wastes 12.5%
 // where 16 lanes would waste 23%. Remainder blocks (rows % R, vectors % NV) are dispatched to
 // smaller instantiations by direct calls (inlined into the CK_CPU_WORKER clones; no pointers).

@@ -34,11 +34,19 @@ constexpr int kTile = 32;  // channels per block (a multiple of every lane count
 
 // Register blocks (rows x vectors) of the three GEMM shapes: kTile x kTile outputs over K = N
 // ("inner"), N x kTile over K = kTile ("col" side), kTile x Np over K = kTile ("row" side).
-// Measured on Zen 4 (1 thread, B = 2, C = 2048, N = 49): 6 x 4 everywhere beat 4 x 4 by 5-12%;
-// 4 x 7 on the row side and kTile = 64 (tiles leave L1) were slower.
+// With AVX-512 (32 vector registers), measured on Zen 4 (1 thread, B = 2, C = 2048, N = 49): 6 x 4
+// everywhere beat 4 x 4 by 5-12%; 4 x 7 on the row side and kTile = 64 (tiles leave L1) were slower.
+// With 16 registers (AVX2) 6 x 4 spills accumulators to the stack in the inner loop; 6 x 2 (12
+// accumulators + 2 operands + 1 broadcast) does not: an x86-64-v3 build on Zen 4 (1 thread, B = 8,
+// C = 2048, N = 49, fwd+bwd, CPU time) took 258 ms instead of 364-373 ms; 4 x 3 and 3 x 4 were
+// within the noise of 6 x 2.
 template <typename T>
 struct Blocks {
+#if defined(__AVX512F__)
   static constexpr int kInnerR = 6, kInnerV = 4, kColR = 6, kColV = 4, kRowR = 6, kRowV = 4;
+#else
+  static constexpr int kInnerR = 6, kInnerV = 2, kColR = 6, kColV = 2, kRowR = 6, kRowV = 2;
+#endif
 };
 
 // One sample's operands in the padded layouts above (dT / dr only in the backward).

@@ -132,7 +132,15 @@ inline void multiply(const float* a, int64_t rows, int64_t K, const float* bt, i
 // ---- column groups: S[:, c .. c + 8) for a listed set of 8-column groups only -------------------
 // For a product where each row needs only some columns (ot_similarity: a bank row is matched with
 // the queries that index it, about 63% of them with a random index). Tiles of kGR rows x kGC
-// groups; each group has its own pointer into Bt, so any set of groups costs what it computes.
+// groups; each group has its own pointer into Bg, so any set of groups costs what it computes.
+// Bg holds Bt group by group (pack_groups): a group's K x 8 values are one contiguous panel, read
+// in sequence, where Bt's rows would put each k in another cache line (ldb floats apart). The
+// groups go in chunks of kGC, each chunk against all row tiles in turn, so that with several row
+// tiles (16 registers) the chunk's panels (kGC x K x 8 floats: 19 KB for K = 200) are read from L1
+// after the first. An x86-64-v3 build on Zen 4 (1 thread, ot_similarity CPU benchmark shape, perf
+// samples): with Bt and the row tiles outer, its GEMM took 1.55x the AVX-512 build's time (3 x 3
+// tiles read each Bt line three times, mostly from L2); now the same as that build's (and the op's
+// fwd+bwd 4-5% faster). The AVX-512 build (one 9-row tile) moved by -2%, within the noise.
 #if defined(__AVX512F__)
 constexpr int kGR = 9;  // 27 ymm accumulators of the 32 registers (9 = the method's patches per row)
 constexpr int kGC = 3;
@@ -142,14 +150,13 @@ constexpr int kGC = 3;
 #endif
 
 template <int MR, int NC>
-inline void group_tile(const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups, float* s,
-                       int64_t lds) {
+inline void group_tile(const float* a, int64_t K, const float* bg, const int32_t* groups, float* s, int64_t lds) {
   Half acc[MR][NC] = {};
   const float* b[NC];
-  for (int n = 0; n < NC; ++n) b[n] = bt + groups[n];
+  for (int n = 0; n < NC; ++n) b[n] = bg + groups[n] * K;  // (group g = column / 8 starts at g * 8 * K)
   for (int64_t k = 0; k < K; ++k) {
     Half q[NC];
-    for (int n = 0; n < NC; ++n) q[n] = load<Half>(b[n] + k * ldb);
+    for (int n = 0; n < NC; ++n) q[n] = load<Half>(b[n] + k * kH);
     for (int m = 0; m < MR; ++m) {
       const float x = a[m * K + k];
       for (int n = 0; n < NC; ++n) acc[m][n] += x * q[n];
@@ -159,40 +166,59 @@ inline void group_tile(const float* a, int64_t K, const float* bt, int64_t ldb, 
     for (int n = 0; n < NC; ++n) std::memcpy(s + m * lds + groups[n], &acc[m][n], sizeof(Half));
 }
 
-// Rows [0, MR) against groups[0 .. n), n <= kGC, by the tile of exactly n groups.
-template <int MR, int NC = 1>
-inline void group_tiles(int n, const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups,
-                        float* s, int64_t lds) {
-  if constexpr (NC <= kGC) {
-    if (n == NC) return group_tile<MR, NC>(a, K, bt, ldb, groups, s, lds);
-    group_tiles<MR, NC + 1>(n, a, K, bt, ldb, groups, s, lds);
+// Row-tile height for a chunk of NC groups: kGR for a full chunk (NC = kGC); the last chunk of a
+// row, with fewer groups, takes taller tiles (16 registers: 9 x 1 and 5 x 2 instead of 3 x 1 and
+// 3 x 2), so that it keeps about kGR x kGC independent accumulators: 3 of them wait on the FMA
+// latency. At most kGRMax rows (9: the method's P). x86-64-v3 build on Zen 4 (1 thread, CPU
+// benchmark shape, fwd+bwd): 31.3-33.0 ms instead of 32.6-33.4 ms (3 alternating runs each).
+constexpr int kGRMax = 9;
+template <int NC>
+constexpr int rows_for() {
+  return std::max(kGR, std::min(kGRMax, (kGR * kGC + NC - 1) / NC));
+}
+
+// Rows [0, mr) against groups[0 .. NC), M <= mr < MR, by the tile of exactly mr rows.
+template <int NC, int M, int MR>
+inline void group_rest_rows(int mr, const float* a, int64_t K, const float* bg, const int32_t* groups, float* s,
+                            int64_t lds) {
+  if constexpr (M < MR) {
+    if (mr == M) return group_tile<M, NC>(a, K, bg, groups, s, lds);
+    group_rest_rows<NC, M + 1, MR>(mr, a, K, bg, groups, s, lds);
   }
 }
 
-// Rows [0, MR) of A against every listed group.
-template <int MR>
-inline void group_rows(const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups, int n,
-                       float* s, int64_t lds) {
-  for (int c = 0; c < n; c += kGC) group_tiles<MR>(std::min(kGC, n - c), a, K, bt, ldb, groups + c, s, lds);
+// Rows [0, rows) against groups[0 .. NC): tiles of rows_for<NC>() rows, then the rest in one tile.
+template <int NC>
+inline void group_chunk(int64_t rows, const float* a, int64_t K, const float* bg, const int32_t* groups, float* s,
+                        int64_t lds) {
+  constexpr int MR = rows_for<NC>();
+  int64_t r = 0;
+  for (; r + MR <= rows; r += MR) group_tile<MR, NC>(a + r * K, K, bg, groups, s + r * lds, lds);
+  if (r < rows) group_rest_rows<NC, 1, MR>(static_cast<int>(rows - r), a + r * K, K, bg, groups, s + r * lds, lds);
 }
 
-// Rows [0, mr) of A, mr < kGR, by the tile of exactly mr rows.
-template <int MR = 1>
-inline void group_rest_rows(int mr, const float* a, int64_t K, const float* bt, int64_t ldb, const int32_t* groups,
-                            int n, float* s, int64_t lds) {
-  if constexpr (MR < kGR) {
-    if (mr == MR) return group_rows<MR>(a, K, bt, ldb, groups, n, s, lds);
-    group_rest_rows<MR + 1>(mr, a, K, bt, ldb, groups, n, s, lds);
+// group_chunk<nc> for a runtime nc in [NC, kGC].
+template <int NC = 1>
+inline void group_chunk_of(int nc, int64_t rows, const float* a, int64_t K, const float* bg, const int32_t* groups,
+                           float* s, int64_t lds) {
+  if constexpr (NC <= kGC) {
+    if (nc == NC) return group_chunk<NC>(rows, a, K, bg, groups, s, lds);
+    group_chunk_of<NC + 1>(nc, rows, a, K, bg, groups, s, lds);
   }
 }
 
 // S[r, g .. g + 8) = A[r, :] @ Bt[:, g .. g + 8) for r < rows and each g in groups[0 .. n) (column
-// offsets, multiples of 8 below ldb = padded(columns)); the other columns of S are not written.
-inline void multiply_groups(const float* a, int64_t rows, int64_t K, const float* bt, int64_t ldb,
+// offsets, multiples of 8 below ldb = padded(columns)), from Bg = pack_groups(Bt); S has leading
+// dimension ldb; its other columns are not written.
+inline void multiply_groups(const float* a, int64_t rows, int64_t K, const float* bg, int64_t ldb,
                             const int32_t* groups, int n, float* s) {
-  int64_t r = 0;
-  for (; r + kGR <= rows; r += kGR) group_rows<kGR>(a + r * K, K, bt, ldb, groups, n, s + r * ldb, ldb);
-  if (r < rows) group_rest_rows(static_cast<int>(rows - r), a + r * K, K, bt, ldb, groups, n, s + r * ldb, ldb);
+  for (int c = 0; c < n; c += kGC) group_chunk_of(std::min(kGC, n - c), rows, a, K, bg, groups + c, s, ldb);
+}
+
+// Bg (ldb / 8, K, 8) from Bt (K, ldb): each 8-column group of Bt as one contiguous K x 8 panel.
+inline void pack_groups(const float* bt, int64_t K, int64_t ldb, float* bg) {
+  for (int64_t c = 0; c < ldb; c += kH)
+    for (int64_t k = 0; k < K; ++k) std::memcpy(bg + c * K + k * kH, bt + k * ldb + c, kH * sizeof(float));
 }
 
 // Bt (K, ldb) from B (cols, K) row-major: the transpose, zero-padded to ldb = padded(cols) columns;

@@ -362,6 +362,8 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, const std::vector<std::pa
   for (int64_t c = 0; c < BP; ++c) column[c] = ot::sim_column(A, c / P, static_cast<int>(c % P));
   std::vector<float> qt(D * ldb);
   row_gemm::pack_transposed(A.query, BP, D, ldb, qt.data(), column.data());
+  std::vector<float> qg(D * ldb);  // the same, group by group (row_gemm::multiply_groups)
+  row_gemm::pack_groups(qt.data(), D, ldb, qg.data());
   const int64_t max_rows = fused_max_rows(A);
   // one similarity buffer (and group list) per thread for all its chunks (allocating per chunk
   // page-faulted each time once the allocator returned the memory: +25% forward time)
@@ -391,7 +393,7 @@ void solve_fused(FwdArgs<float> A, const RowOrder& ro, const std::vector<std::pa
       row_gemm::multiply(A.bank + r0 * P * D, (r1 - r0) * P, D, qt.data(), ldb, sim);
     } else {
       for (int64_t r = r0; r < r1; ++r)
-        row_gemm::multiply_groups(A.bank + r * P * D, P, D, qt.data(), ldb, groups + (r - r0) * row_groups_max,
+        row_gemm::multiply_groups(A.bank + r * P * D, P, D, qg.data(), ldb, groups + (r - r0) * row_groups_max,
                                   counts[r - r0], sim + (r - r0) * P * ldb);
     }
     FwdArgs<float> C = A;
