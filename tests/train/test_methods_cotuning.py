@@ -144,11 +144,17 @@ def test_lite0_keeps_its_imagenet_classifier(tmp_path):
     from concept_kernels.train.eval import load_tuner
     from concept_kernels.train.trainer import CHECKPOINT, load_checkpoint
 
+    from concept_kernels.train.backbones import source_classifier
+
     saved = load_file(str(_lite0_file()))
+    torch.manual_seed(0)
     backbone = create_backbone("tf_efficientnet_lite0")
-    assert torch.equal(backbone.source_classifier["weight"], saved["classifier.weight"])
-    assert torch.equal(backbone.source_classifier["bias"], saved["classifier.bias"])
-    assert backbone.source_classifier["weight"].shape == (1000, 1280)
+    after_create = torch.get_rng_state()
+    src = source_classifier(backbone)  # loaded now, under a forked RNG: the caller's stream is unchanged
+    assert torch.equal(torch.get_rng_state(), after_create)
+    assert torch.equal(src["weight"], saved["classifier.weight"])
+    assert torch.equal(src["bias"], saved["classifier.bias"])
+    assert src["weight"].shape == (1000, 1280) and source_classifier(backbone) is src
     assert not any(k.startswith("classifier") for k in backbone.state_dict())  # no classifier in the backbone
 
     from conftest import tiny_config

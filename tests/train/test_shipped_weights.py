@@ -66,3 +66,21 @@ def test_remap_rejects_unknown_variants_and_too_many_blocks():
         remap_lite({}, 3)
     with pytest.raises(ValueError, match="block 16 .* EfficientNet-Lite0 has 16 blocks"):
         remap_lite({"_blocks.16._bn0.weight": torch.zeros(1)}, 0)
+
+
+def test_pretrained_backbone_draws_the_random_stream_of_a_classifier_free_model():
+    """create_backbone(pretrained) makes the model without a classifier, so the random numbers drawn after it
+    (the new head's init, a method's modules) are those of timm.create_model(num_classes=0): a 1000-way
+    classifier's init would shift them (it did, and changed every pretrained run's head init)."""
+    import timm
+
+    from concept_kernels.train.backbones import SHIPPED_WEIGHTS, lite_weights_file
+
+    torch.manual_seed(0)
+    create_backbone("tf_efficientnet_lite0")
+    ours = torch.rand(4)
+    torch.manual_seed(0)
+    file = str(lite_weights_file(SHIPPED_WEIGHTS["tf_efficientnet_lite0"], None))
+    timm.create_model("tf_efficientnet_lite0", num_classes=0, global_pool="", pretrained=True,
+                      pretrained_cfg_overlay=dict(file=file))
+    assert torch.equal(ours, torch.rand(4))

@@ -15,15 +15,17 @@ Then each step
                                              = -mean_b sum_s R[y_b, s] log softmax(g(pool(x_b)))_s,
 
 with the source head at lr x0.1 (the new head at lr, the backbone at lr x backbone_mult). Default
-lambda = 2.3. The source head comes from the backbone's ``source_classifier`` ({"weight" (K_s, C), "bias"
-(K_s,)}), which ``create_backbone`` keeps for pretrained timm models with a linear classifier; a backbone
-without one (``--no-pretrained``, a model whose weights are not at hand) is refused with a ValueError."""
+lambda = 2.3. The source head comes from ``backbones.source_classifier(backbone)`` ({"weight" (K_s, C), "bias"
+(K_s,)}), loaded for a backbone that ``create_backbone`` made with pretrained weights and a linear classifier;
+a backbone without one (``--no-pretrained``, a model whose weights are not at hand) is refused with a
+ValueError."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..backbones import source_classifier
 from ..feature_maps import model_name
 from .base import Method, check_number, register
 from .prepared import cached, dataset_digest, training_images
@@ -75,7 +77,7 @@ class CoTuning(Method):
         self.prepared = False
 
     def build(self, tuner) -> None:
-        src = getattr(tuner.backbone, "source_classifier", None)
+        src = source_classifier(tuner.backbone)
         name = model_name(tuner.backbone)
         if src is None:
             raise ValueError(f"cotuning needs the source (ImageNet) classifier of the backbone {name!r}, and it has "
