@@ -13,17 +13,17 @@
 Batch norm: with ``ft_bn="frozen"`` (default) the backbone's BN layers stay in eval mode in stage 2 too
 (running statistics fixed; their affine weights train), so fine-tuning starts from exactly the features the
 probe was trained on. ``ft_bn="train"`` switches them to batch statistics at the boundary, as plain
-fine-tuning does: then the probed head suddenly sees other features (on few-shot digits, `make accuracy`,
-train accuracy fell from 0.93 to 0.50 at the boundary and the test accuracy ended at 0.57 vs the probe's
-0.74), which defeats LP-FT's purpose of not distorting the pretrained features early. The paper's models
+fine-tuning does: then the probed head suddenly sees other features (tested: the first fine-tuning
+forward differs from the probe's logits; with "frozen" it equals them bit for bit), which defeats LP-FT's
+purpose of not distorting the pretrained features early. The paper's models
 (CLIP/MoCo ResNets and ViTs fine-tuned with large batches) do not settle this; README "Where this departs"
 names the choice.
 
 Why L-BFGS by default: an SGD probe at the fine-tuning lr on unnormalised 1280-d features grows a head with
-large weights (the loss reached 23 within 15 steps on digits), and its large logits send large gradients
-into the backbone at the boundary: even at lr x 0.1 fine-tuning then collapsed to chance on few-shot
-digits (`make accuracy`: test accuracy 0.75 after the probe, 0.13-0.35 at the end). The regularised,
-converged probe is what the paper fits.
+large weights (the loss reached 23 within 15 steps on digits, in one debug run), and its large logits send
+large gradients into the backbone at the boundary: even at lr x 0.1 fine-tuning then collapsed to chance on
+few-shot digits (`make accuracy`, seeds 0-1, either BN setting: test accuracy 0.75 after the probe,
+0.13-0.35 at the end). The regularised, converged probe is what the paper fits.
 
 Defaults: probe_l2 = 1e-3 (as WiSE-FT's), ft_lr_mult = 0.1: the paper fine-tunes
 after the probe at a smaller lr than plain fine-tuning (its sweeps usually pick one ~10x smaller), so that
